@@ -1,0 +1,1431 @@
+"""accerl: asynchronous RL fine-tuning of Vision-Language-Action policies (AcceRL + GIPO).
+
+    python accerl.py                                  # built-in tabletop2d tasks, CPU default
+    python accerl.py --task libero_10                 # LIBERO-Long, all 10 tasks
+    python accerl.py --mode sync                      # the synchronous baseline, same parts
+    python accerl.py --eval-only --checkpoint runs/X  # greedy evaluation table
+
+Read top to bottom: Args -> the process roles (env worker, inference, learner, evaluation) -> GAE and
+the GIPO objective -> main (storage, queues, spawn, supervision, shutdown).
+
+Who sends what to whom (queues carry indices only; frames and outputs live in shared memory):
+
+    env_worker_i --(client, env, segment, rows)--> requests --> inference
+    env_worker_i <--(env, segment, rows)---------- actions[i] <-- inference     (outputs in storage)
+    env_worker_i --segment id--> full_segments --> learner --segment id--> free_segments --> env_worker_i
+    learner --weights + version (seqlock, shared memory)--> inference
+    eval_worker_j <--(round, task, seed)-- eval_jobs <-- main;  eval_worker_j <-> inference as above
+    every process --(kind, role, payload)--> stats --> main (the only tensorboard writer)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import queue
+import random
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections import defaultdict, deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.multiprocessing as mp
+import tyro
+
+import checkpoint as ckpt
+from envs import EnvSpec, env_spec, make_env, parse_task
+from pipeline import Counters, Heartbeats, RolloutStorage, StorageShape, TimedGet, WeightBroadcast, log
+from vla_policy import InstructionTokenizer, PolicyConfig, VLAPolicy
+
+
+@dataclass
+class Args:
+    # --- experiment --------------------------------------------------------------------------------
+    exp_name: str = "accerl"
+    """Name of the experiment; part of the run name."""
+    seed: int = 1
+    """One seed for everything; every worker's and env's seed is derived from it."""
+    run_dir: str | None = None
+    """Where logs, checkpoints and summary.json go (default runs/<task>__<exp_name>__<seed>__<time>)."""
+    resume: str | None = None
+    """Continue a run from its latest complete checkpoint (a run directory or a checkpoint directory)."""
+    eval_only: bool = False
+    """Only evaluate --checkpoint greedily (every task x --eval-episodes-per-task) and write a table."""
+    checkpoint: str | None = None
+    """Checkpoint (or run directory) whose policy --eval-only evaluates."""
+    mode: Literal["async", "sync", "serial"] = "async"
+    """async: decoupled processes (AcceRL); sync: the same processes in lockstep (the baseline);
+    serial: the same role objects stepped round-robin in one process (debugging, tests)."""
+    total_env_steps: int = 400_000
+    """Stop after this many simulator steps (summed over env workers; imagined steps not counted)."""
+    max_seconds: float = 0.0
+    """Also stop after this many wall-clock seconds (0: no limit)."""
+    device: str = "auto"
+    """Device for inference and learner: auto (cuda if present), cpu, cuda, cuda:N."""
+    inference_device: str | None = None
+    """Override the inference device (e.g. cuda:1 with two GPUs); default: --device."""
+    checkpoint_every_updates: int = 100
+    """Write a checkpoint every this many updates (and always at exit)."""
+    log_every_s: float = 10.0
+    """Seconds between progress lines."""
+
+    # --- env ---------------------------------------------------------------------------------------
+    task: str = "tabletop2d"
+    """tabletop2d | libero_spatial | libero_object | libero_goal | libero_10 | libero_90; '/<i>' pins one task."""
+    wrist_camera: bool = False
+    """Also give the policy the wrist camera image."""
+    step_cost_ms: float = 0.0
+    """tabletop2d only: mean simulated cost per env step, heavy-tailed (mimics LIBERO step times)."""
+    step_cost_kind: Literal["sleep", "spin"] = "sleep"
+    """tabletop2d only: the simulated cost sleeps or burns CPU."""
+    init_states: Literal["sampled", "fixed"] = "sampled"
+    """LIBERO training episodes start from freshly sampled placements (default) or the suite's fixed
+    initial states (which evaluation always uses: training on them leaks the test set)."""
+
+    # --- policy ------------------------------------------------------------------------------------
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    """The VLA policy (vla_policy.py)."""
+
+    # --- workers -----------------------------------------------------------------------------------
+    num_env_workers: int = 2
+    """Env worker processes (CPU, no model)."""
+    envs_per_worker: int = 2
+    """Envs owned by each env worker (stepped while the others wait for actions)."""
+    num_eval_workers: int = 1
+    """Greedy evaluation worker processes (real env only, never write to the learner)."""
+    max_batch: int = 8
+    """Inference flushes a batch when this many observations wait..."""
+    batch_timeout_ms: float = 10.0
+    """...or when the oldest waiting observation has waited this long (AcceRL: 8 / 300 ms on GPU)."""
+    segment_len: int = 64
+    """T: chunk steps per trajectory segment (bootstrapped with the value of the next observation)."""
+    segments_per_update: int = 4
+    """Segments in one learner update (the "super batch" is this x segment_len chunk steps)."""
+    wait_timeout_s: float = 300.0
+    """A blocking wait longer than this stops the run and names the silent process."""
+    eval_every_updates: int = 25
+    """Run a greedy evaluation round every this many updates (0: only the final one)."""
+    eval_episodes: int = 40
+    """Episodes per periodic evaluation round (spread evenly over the tasks)."""
+    final_eval_episodes: int = 200
+    """Episodes of the final evaluation (reported in summary.json)."""
+    eval_episodes_per_task: int = 50
+    """--eval-only: episodes per task (LIBERO: one per fixed initial state, 50 in the suites)."""
+
+    # --- algorithm ---------------------------------------------------------------------------------
+    loss: Literal["gipo", "ppo-clip", "sapo", "no-clip"] = "gipo"
+    """Policy objective per action token (reference.md section 4)."""
+    gipo_sigma: float = 1.0
+    """GIPO trust width: w = exp(-(ln rho)^2 / (2 sigma^2)); implicit bound on w*rho is exp(sigma^2/2)."""
+    clip_eps: float = 0.2
+    """PPO-clip epsilon."""
+    sapo_tau_pos: float = 1.0
+    """SAPO gate temperature for positive advantages."""
+    sapo_tau_neg: float = 2.0
+    """SAPO gate temperature for negative advantages."""
+    gamma: float = 0.99
+    """Discount per chunk step (one RL step = one action chunk)."""
+    gae_lambda: float = 0.95
+    """GAE lambda."""
+    recompute_value: bool = False
+    """Recompute V with the current critic before GAE (behaviour values are up to --max-policy-lag old)."""
+    norm_adv: bool = True
+    """Normalise advantages with the super batch's mean and std."""
+    vf_coef: float = 0.5
+    """Value loss coefficient (plain MSE)."""
+    ent_coef: float = 0.0
+    """Entropy bonus coefficient."""
+    kl_coef: float = 0.1
+    """KL(behaviour || current) penalty coefficient (full categorical KL from stored log-probs)."""
+    policy_lr: float = 3e-4
+    """Learning rate of the policy group (the paper fine-tunes a 7B VLA with LoRA at 1e-5)."""
+    value_lr: float = 1e-3
+    """Learning rate of the value group (paper: 1e-4)."""
+    warmup_updates: int = 10
+    """Linear learning-rate warm-up (paper: 500)."""
+    lr_decay_updates: int = 3000
+    """Cosine decay horizon after warm-up (paper: 30k), down to --min-lr-ratio."""
+    min_lr_ratio: float = 0.1
+    """Floor of the cosine decay as a fraction of the peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping."""
+    update_epochs: int = 1
+    """Passes over each super batch."""
+    num_minibatches: int = 1
+    """Optimiser steps per pass (the paper: one step per super batch)."""
+    max_policy_lag: int | None = None
+    """Drop samples produced by a policy more than this many updates old (None: keep all)."""
+    bf16: bool = True
+    """bf16 autocast on GPU (ignored on CPU)."""
+
+    # --- derived (set after parsing) ---------------------------------------------------------------
+    num_envs: int = 0
+    """Derived: num_env_workers x envs_per_worker."""
+
+
+def derive_and_check(args: Args) -> Args:
+    """Derived fields and every check that can fail before a process is spawned."""
+    problems = []
+    family, index = parse_task(args.task)  # raises on a malformed task
+    if args.num_env_workers < 1 and not args.eval_only:
+        problems.append("--num-env-workers must be >= 1")
+    if args.envs_per_worker < 1:
+        problems.append("--envs-per-worker must be >= 1")
+    if args.segment_len < 2:
+        problems.append("--segment-len must be >= 2")
+    if args.segments_per_update < 1:
+        problems.append("--segments-per-update must be >= 1")
+    if args.eval_only and not args.checkpoint:
+        problems.append("--eval-only needs --checkpoint DIR (a run directory or a checkpoint)")
+    if args.eval_only and args.num_eval_workers < 1:
+        problems.append("--eval-only needs --num-eval-workers >= 1")
+    if args.resume and args.eval_only:
+        problems.append("--resume and --eval-only exclude each other")
+    if args.gipo_sigma <= 0:
+        problems.append("--gipo-sigma must be > 0")
+    if args.max_batch < 1 or args.batch_timeout_ms < 0:
+        problems.append("--max-batch must be >= 1 and --batch-timeout-ms >= 0")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        problems.append(f"--device {args.device} but torch sees no CUDA device (use --device cpu)")
+    if problems:
+        raise SystemExit("accerl: bad arguments:\n  " + "\n  ".join(problems))
+    args.num_envs = args.num_env_workers * args.envs_per_worker
+    if args.mode == "sync":
+        # lockstep: every env contributes one segment per update, collected with one policy version
+        args.segments_per_update = args.num_envs
+    args.policy.num_cameras = 2 if args.wrist_camera else 1
+    return args
+
+
+def resolve_devices(args: Args) -> tuple[str, str]:
+    learner = args.device
+    if learner == "auto":
+        learner = "cuda:0" if torch.cuda.is_available() else "cpu"
+    inference = args.inference_device or learner
+    return learner, inference
+
+
+def env_options(args: Args) -> dict:
+    family, _ = parse_task(args.task)
+    if family == "tabletop2d":
+        return {"step_cost_ms": args.step_cost_ms, "step_cost_kind": args.step_cost_kind}
+    return {"init_states": args.init_states}
+
+
+def derive_seed(seed: int, *path: int) -> int:
+    """Deterministic, well-spread seeds per (role, rank, instance, ...) (style.md rule 8)."""
+    return int(np.random.SeedSequence([seed, *path]).generate_state(1)[0])
+
+
+# ===================================================================================================
+# Process roles. Each role is an object with step() (one unit of work, waiting at most `poll_s`) and
+# close(); a process runs one role in a loop, serial mode steps all roles in one loop.
+# ===================================================================================================
+@dataclass
+class Channels:
+    """The queues. Their names say what they carry; all are bounded."""
+
+    requests: object  # (client, env_index, segment, rows, greedy) -> inference
+    actions: list  # per client: (env_index, segment, rows) <- inference; outputs are in storage
+    free_segments: object  # segment ids an env worker may fill
+    full_segments: object  # filled segment ids for the learner
+    eval_jobs: object  # (round, task_id, episode_seed) for eval workers
+    stats: object  # (kind, role, payload) for the main process
+
+
+@dataclass
+class Shared:
+    """Everything shared by all roles besides the queues."""
+
+    storage: RolloutStorage
+    weights: WeightBroadcast
+    counters: Counters
+    heartbeats: Heartbeats
+    train_stop: object  # event: env workers and learner finish
+    stop: object  # event: everybody finishes
+
+
+class TaskCurriculum:
+    """Task choice at reset weighted by (recent failures + 1) per task (reference.md section 2)."""
+
+    def __init__(self, num_tasks: int, rng: np.random.Generator, window: int = 20):
+        self.rng = rng
+        self.recent = [deque(maxlen=window) for _ in range(num_tasks)]
+
+    def sample(self) -> int:
+        weights = np.array([sum(1 for ok in r if not ok) + 1.0 for r in self.recent])
+        return int(self.rng.choice(len(weights), p=weights / weights.sum()))
+
+    def record(self, task_id: int, success: bool) -> None:
+        self.recent[task_id].append(bool(success))
+
+
+@dataclass
+class EnvState:
+    """Book-keeping of one env inside an env worker."""
+
+    env: object
+    task_id: int = 0
+    segment: int = -1
+    episode_return: float = 0.0
+    episode_env_steps: int = 0
+    episode_start_row: int = 0
+    awaiting_version: int | None = None  # sync mode: wait for these weights before acting again
+    restarts: int = 0
+
+
+class EnvWorker:
+    """`env_worker_i`: owns envs, no model. Writes observations into storage rows, asks inference for
+    an action chunk, executes it step by step, records the chunk's summed reward, terminated and
+    truncated; hands full segments to the learner."""
+
+    def __init__(self, rank: int, args: Args, spec: EnvSpec, shared: Shared, chan: Channels, poll_s: float,
+                 seed_offset: int = 0):
+        self.rank, self.args, self.spec, self.shared, self.chan, self.poll_s = rank, args, spec, shared, chan, poll_s
+        self.name = f"env_worker_{rank}"
+        self.T = args.segment_len
+        self.seed_offset = seed_offset
+        self.rng = np.random.default_rng(derive_seed(args.seed, 1, rank, seed_offset))
+        self.curriculum = TaskCurriculum(spec.num_tasks, self.rng)
+        self.pinned_task = parse_task(args.task)[1]
+        tokenizer = InstructionTokenizer()
+        self.instructions = tokenizer.encode(list(spec.instructions), args.policy.max_instruction_tokens)
+        self.getter = TimedGet(self.name, args.wait_timeout_s)
+        self.envs = [EnvState(env=self._build_env(i, 0)) for i in range(args.envs_per_worker)]
+        self.sim_s, self.last_report = 0.0, time.perf_counter()
+        for i in range(len(self.envs)):
+            self._start_first_segment(i)
+
+    # -- env life cycle --------------------------------------------------------------------------
+    def _build_env(self, index: int, restart: int):
+        return make_env(self.args.task, image_size=self.args.policy.image_size, wrist_camera=self.args.wrist_camera,
+                        seed=derive_seed(self.args.seed, 1, self.rank, index, restart, self.seed_offset),
+                        **env_options(self.args))
+
+    def _reset(self, i: int) -> dict:
+        e = self.envs[i]
+        e.task_id = self.pinned_task if self.pinned_task is not None else self.curriculum.sample()
+        e.episode_return, e.episode_env_steps = 0.0, 0
+        return e.env.reset(task_id=e.task_id)
+
+    def _take_free_segment(self) -> int:
+        while True:
+            seg = self.getter.get(self.chan.free_segments, "learner (no free segment)", max(self.poll_s, 0.1))
+            if seg is not None:
+                return seg
+            if self.shared.train_stop.is_set():
+                raise _Stopping()
+
+    def _start_first_segment(self, i: int) -> None:
+        e = self.envs[i]
+        e.segment = self._take_free_segment()
+        obs = self._reset(i)
+        self._write_obs(e, 0, obs)
+        e.episode_start_row = 0
+        self._request(i, (0,))
+
+    def _write_obs(self, e: EnvState, row: int, obs: dict) -> None:
+        self.shared.storage.write_observation(e.segment, row, obs, self.spec.cameras,
+                                              self.instructions[e.task_id], e.task_id)
+
+    def _request(self, i: int, rows: tuple[int, ...]) -> None:
+        self.chan.requests.put((self.rank, i, self.envs[i].segment, rows, False), timeout=self.args.wait_timeout_s)
+
+    # -- the loop --------------------------------------------------------------------------------
+    def step(self) -> None:
+        if self.args.mode == "sync":
+            self._resume_envs_with_new_weights()
+        if time.perf_counter() - self.last_report > 5.0:
+            self._report()
+        msg = self.getter.get(self.chan.actions[self.rank], "inference", self.poll_s)
+        if msg is None:
+            return
+        i, seg, rows = msg
+        e, storage = self.envs[i], self.shared.storage
+        if len(rows) == 2:  # the second row held the final observation of a truncated episode
+            storage.trunc_value[seg, rows[0] - 1] = storage.value[seg, rows[1]]
+        row = rows[0]
+        if row == self.T:  # the bootstrap row is evaluated: the segment is complete
+            row = self._finish_segment(i)
+            if self.args.mode == "sync":
+                e.awaiting_version = self.shared.weights.published_version() + 1
+                return
+        self._execute_chunk(i, row)
+
+    def _report(self) -> None:
+        elapsed = time.perf_counter() - self.last_report
+        self.chan.stats.put(("perf", self.name, {
+            "perf/env_worker_sim_fraction": self.sim_s / elapsed,
+            "perf/env_worker_wait_fraction": self.getter.pop_waited() / elapsed}))
+        self.sim_s, self.last_report = 0.0, time.perf_counter()
+
+    def _finish_segment(self, i: int) -> int:
+        """Row T becomes row 0 of the env's next segment; the full segment goes to the learner."""
+        e, storage = self.envs[i], self.shared.storage
+        new_segment = self._take_free_segment()
+        storage.copy_row((e.segment, self.T), (new_segment, 0))
+        self.chan.full_segments.put(e.segment, timeout=self.args.wait_timeout_s)
+        e.segment, e.episode_start_row = new_segment, 0
+        return 0
+
+    def _resume_envs_with_new_weights(self) -> None:
+        version = self.shared.weights.published_version()
+        for i, e in enumerate(self.envs):
+            if e.awaiting_version is not None and version >= e.awaiting_version:
+                e.awaiting_version = None
+                self._request(i, (0,))  # re-evaluate row 0 with the new weights (on-policy)
+
+    def _execute_chunk(self, i: int, row: int) -> None:
+        e, storage, T = self.envs[i], self.shared.storage, self.T
+        actions = storage.actions[e.segment, row].numpy()
+        start = time.perf_counter()
+        try:
+            obs, reward, terminated, truncated, info = e.env.step_chunk(actions)
+        except Exception:  # simulators raise: rebuild the env, drop the episode, go on
+            self._restart_env(i, row, traceback.format_exc())
+            return
+        self.sim_s += time.perf_counter() - start
+        seg = e.segment
+        storage.reward[seg, row] = reward
+        storage.terminated[seg, row] = bool(terminated)
+        storage.truncated[seg, row] = bool(truncated)
+        storage.env_steps[seg, row] = info["env_steps"]
+        counters = self.shared.counters
+        counters.add(self.rank, "global_env_step", info["env_steps"])
+        counters.add(self.rank, "chunk_step", 1)
+        e.episode_return += reward
+        e.episode_env_steps += info["env_steps"]
+        if terminated or truncated:
+            success = bool(info.get("success", False))
+            counters.add(self.rank, "episodes", 1)
+            self.curriculum.record(e.task_id, success)
+            self.chan.stats.put(("episode", self.name, {
+                "return": e.episode_return, "length": e.episode_env_steps, "success": success,
+                "task_id": e.task_id, "truncated": bool(truncated)}))
+            final_obs, obs = obs, self._reset(i)
+            e.episode_start_row = row + 1
+        self._write_obs(e, row + 1, obs)
+        if truncated:
+            # the truncated step bootstraps with V(final observation): evaluate it alongside
+            self._write_obs(e, T + 1, final_obs)
+            self._request(i, (row + 1, T + 1))
+        else:
+            self._request(i, (row + 1,))
+
+    def _restart_env(self, i: int, row: int, tb: str) -> None:
+        e, storage = self.envs[i], self.shared.storage
+        e.restarts += 1
+        log(self.name, f"env {i} raised; rebuilding it and dropping the episode:\n{tb}")
+        self.shared.counters.add(self.rank, "env_restarts", 1)
+        try:
+            e.env.close()
+        except Exception:
+            pass
+        e.env = self._build_env(i, e.restarts)
+        # the dropped episode's rows are masked out; a boundary after them stops GAE from crossing
+        storage.valid[e.segment, e.episode_start_row: row + 1] = False
+        storage.truncated[e.segment, row] = True
+        storage.trunc_value[e.segment, row] = 0.0
+        storage.reward[e.segment, row] = 0.0
+        obs = self._reset(i)
+        e.episode_start_row = row + 1
+        self._write_obs(e, row + 1, obs)
+        self._request(i, (row + 1,))
+
+    def close(self) -> None:
+        for e in self.envs:
+            try:
+                e.env.close()
+            except Exception:
+                pass
+
+
+class EvalWorker:
+    """`eval_worker_j`: greedy episodes on the real env for jobs from main; never feeds the learner."""
+
+    def __init__(self, rank: int, client: int, args: Args, spec: EnvSpec, shared: Shared, chan: Channels,
+                 poll_s: float, segment: int, video_dir: Path | None = None, video_frames: int = 64):
+        self.rank, self.client, self.args, self.spec, self.shared, self.chan = rank, client, args, spec, shared, chan
+        self.poll_s, self.segment = poll_s, segment
+        self.name = f"eval_worker_{rank}"
+        tokenizer = InstructionTokenizer()
+        self.instructions = tokenizer.encode(list(spec.instructions), args.policy.max_instruction_tokens)
+        options = env_options(args)
+        if "init_states" in options:
+            options["init_states"] = "fixed"  # evaluation always uses the suite's fixed initial states
+        self.env = make_env(parse_task(args.task)[0], image_size=args.policy.image_size,
+                            wrist_camera=args.wrist_camera, seed=derive_seed(args.seed, 2, rank), **options)
+        self.getter = TimedGet(self.name, args.wait_timeout_s)
+        self.job = None
+        self.video_dir, self.video_frames = video_dir, video_frames
+        self.recorded: set[tuple[int, int]] = set()
+        self.frames: list[np.ndarray] = []
+
+    def step(self) -> None:
+        if self.job is None:
+            job = self.getter.get(self.chan.eval_jobs, "main (eval jobs)", self.poll_s)
+            self.getter._since = None  # idle eval workers are not stalled
+            if job is None:
+                return
+            self.job = job
+            round_id, task_id, episode_seed = job
+            self.task_id, self.ret, self.env_steps = task_id, 0.0, 0
+            obs = self.env.reset(task_id=task_id, seed=episode_seed)
+            # record the first episode of each task in each round (frames go to a file, never a queue)
+            record = self.video_dir is not None and (round_id, task_id) not in self.recorded
+            self.frames = [obs["image"]] if record else []
+            if record:
+                self.recorded.add((round_id, task_id))
+            self._observe(obs)
+            return
+        msg = self.getter.get(self.chan.actions[self.client], "inference", self.poll_s)
+        if msg is None:
+            return
+        storage = self.shared.storage
+        obs, reward, terminated, truncated, info = self.env.step_chunk(storage.actions[self.segment, 0].numpy())
+        self.ret += reward
+        self.env_steps += info["env_steps"]
+        if self.frames and len(self.frames) < self.video_frames:
+            self.frames.append(obs["image"])
+        if terminated or truncated:
+            round_id = self.job[0]
+            payload = {"round": round_id, "task_id": self.task_id, "success": bool(info.get("success", False)),
+                       "return": self.ret, "length": self.env_steps,
+                       "version": int(storage.version[self.segment, 0])}
+            if self.frames:
+                self.video_dir.mkdir(parents=True, exist_ok=True)
+                path = self.video_dir / f"round{round_id}_task{self.task_id}_{self.name}.npy"
+                np.save(path, np.stack(self.frames))
+                payload["video"] = str(path)
+                self.frames = []
+            self.chan.stats.put(("eval_episode", self.name, payload))
+            self.job = None
+            return
+        self._observe(obs)
+
+    def _observe(self, obs: dict) -> None:
+        self.shared.storage.write_observation(self.segment, 0, obs, self.spec.cameras,
+                                              self.instructions[self.task_id], self.task_id)
+        self.chan.requests.put((self.client, 0, self.segment, (0,), True), timeout=self.args.wait_timeout_s)
+
+    def close(self) -> None:
+        self.env.close()
+
+
+class InferenceServer:
+    """`inference`: a policy copy in eval mode with dynamic batching: one batched forward when
+    --max-batch observations wait or the oldest has waited --batch-timeout-ms (sync mode: when every
+    env waits). Samples (greedy for eval requests); writes action tokens, continuous actions, behaviour
+    log-probs, the value and the policy version into storage; never waits for the learner."""
+
+    def __init__(self, args: Args, shared: Shared, chan: Channels, poll_s: float, device: str):
+        self.args, self.shared, self.chan, self.poll_s = args, shared, chan, poll_s
+        self.name = "inference"
+        self.device = torch.device(device)
+        torch.manual_seed(derive_seed(args.seed, 3))
+        with torch.device("meta"):
+            policy = VLAPolicy(args.policy)
+        self.policy = policy.to_empty(device=self.device).eval()
+        self.params = dict(self.policy.named_parameters())
+        self.params.update(dict(self.policy.named_buffers()))
+        self.version = -1
+        self.pending: list[tuple[tuple, float]] = []
+        self.getter = TimedGet(self.name, args.wait_timeout_s)
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and args.bf16)
+        self.perf = defaultdict(list)
+        self.last_report = time.time()
+        self.busy_s = 0.0
+
+    def _maybe_load_weights(self) -> None:
+        published = self.shared.weights.published_version()
+        if published > self.version:
+            version = self.shared.weights.read_into(self.params)
+            if version is not None:
+                self.version = version
+
+    def step(self) -> None:
+        self._maybe_load_weights()
+        if self.version < 0:  # nothing published yet: the learner is still starting
+            time.sleep(min(self.poll_s, 0.05))
+            return
+        now = time.perf_counter()
+        if self.pending:
+            wait = max(0.0, self.pending[0][1] + self.args.batch_timeout_ms / 1000 - now)
+            timeout = min(wait, self.poll_s) if self.poll_s > 0 else 0.0
+        else:
+            timeout = self.poll_s
+        msg = self.getter.get(self.chan.requests, "env workers", timeout)
+        self.getter._since = None  # an idle inference server is not a stall
+        while msg is not None:
+            self.pending.append((msg, time.perf_counter()))
+            if self._rows_pending() >= self.args.max_batch * 4:
+                break
+            try:
+                msg = self.chan.requests.get_nowait()
+            except queue.Empty:
+                msg = None
+        if self._should_flush():
+            self._flush()
+        if time.time() - self.last_report > 5.0:
+            self._report()
+
+    def _rows_pending(self) -> int:
+        return sum(len(m[3]) for m, _ in self.pending)
+
+    def _should_flush(self) -> bool:
+        if not self.pending:
+            return False
+        oldest_wait = time.perf_counter() - self.pending[0][1]
+        if self.args.mode == "sync":
+            training = sum(1 for m, _ in self.pending if not m[4])
+            evals = len(self.pending) - training
+            return training >= self.args.num_envs or (evals > 0 and training == 0 and
+                                                      oldest_wait * 1000 >= self.args.batch_timeout_ms)
+        return (len(self.pending) >= self.args.max_batch
+                or oldest_wait * 1000 >= self.args.batch_timeout_ms)
+
+    @torch.no_grad()
+    def _flush(self) -> None:
+        limit = self.args.num_envs if self.args.mode == "sync" else self.args.max_batch
+        batch, self.pending = self.pending[:limit], self.pending[limit:]
+        storage = self.shared.storage
+        segs = torch.tensor([m[2] for m, _ in batch for _ in m[3]])
+        rows = torch.tensor([r for m, _ in batch for r in m[3]])
+        greedy = torch.tensor([m[4] for m, _ in batch for _ in m[3]], device=self.device)
+        start = time.perf_counter()
+        images = storage.images[segs, rows].to(self.device, non_blocking=True)
+        instructions = storage.instruction[segs, rows].to(self.device, non_blocking=True)
+        with self.autocast:
+            out = self.policy.act(images, instructions, greedy)
+        storage.action_tokens[segs, rows] = out["action_tokens"].cpu()
+        storage.actions[segs, rows] = out["actions"].float().cpu()
+        storage.logp[segs, rows] = out["logp"].float().cpu()
+        storage.log_probs[segs, rows] = out["log_probs"].to(torch.float16).cpu()
+        storage.value[segs, rows] = out["value"].float().cpu()
+        storage.version[segs, rows] = self.version
+        done = time.perf_counter()
+        for (client, env_index, seg, msg_rows, _), _ in batch:
+            self.chan.actions[client].put((env_index, seg, msg_rows))
+        self.busy_s += done - start
+        self.perf["batch_size"].append(len(rows))
+        self.perf["forward_ms"].append((done - start) * 1000)
+        self.perf["latency_ms"].extend((done - t0) * 1000 for _, t0 in batch)
+
+    def _report(self) -> None:
+        elapsed = time.time() - self.last_report
+        if self.perf["batch_size"]:
+            self.chan.stats.put(("perf", self.name, {
+                "perf/inference_batch_size": float(np.mean(self.perf["batch_size"])),
+                "perf/inference_forward_ms": float(np.median(self.perf["forward_ms"])),
+                "perf/inference_latency_ms": float(np.median(self.perf["latency_ms"])),
+                "perf/inference_per_s": float(np.sum(self.perf["batch_size"]) / elapsed),
+                "perf/inference_busy_fraction": self.busy_s / elapsed,
+                "perf/inference_version": float(self.version)}))
+        self.perf.clear()
+        self.busy_s = 0.0
+        self.last_report = time.time()
+
+    def close(self) -> None:
+        pass
+
+
+class _Stopping(Exception):
+    """Raised inside a role's step when it notices the stop flag while waiting."""
+
+
+# ===================================================================================================
+# Advantages and the objective (reference.md section 4)
+# ===================================================================================================
+def compute_gae(rewards: torch.Tensor, values: torch.Tensor, bootstrap: torch.Tensor, terminated: torch.Tensor,
+                truncated: torch.Tensor, trunc_values: torch.Tensor, gamma: float, lam: float
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE over segments (N, T) of chunk steps.
+
+    The successor value of step t is V(obs t+1), or `bootstrap` after the last step; 0 after a
+    termination; V(final observation) after a truncation (the time limit is not part of the task, so
+    the truncated state is bootstrapped, not treated as terminal: CleanRL PR #576). The recursion is cut
+    at every episode end so advantages never leak across resets.
+    """
+    T = rewards.shape[1]
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(bootstrap)
+    for t in reversed(range(T)):
+        next_value = bootstrap if t == T - 1 else values[:, t + 1]
+        next_value = torch.where(truncated[:, t], trunc_values[:, t], next_value)
+        next_value = torch.where(terminated[:, t], torch.zeros_like(next_value), next_value)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        continues = (~(terminated[:, t] | truncated[:, t])).to(rewards.dtype)
+        last = delta + gamma * lam * continues * last
+        advantages[:, t] = last
+    return advantages, advantages + values
+
+
+def gipo_trust_weight(ratio: torch.Tensor, sigma: float) -> torch.Tensor:
+    """w = exp(-(ln rho)^2 / (2 sigma^2)) on the stop-gradient ratio, clamped >= 1e-9 (GIPO eq. for w)."""
+    log_ratio = torch.log(ratio.detach().clamp_min(1e-9))
+    return torch.exp(-log_ratio.square() / (2 * sigma**2))
+
+
+def policy_objective(loss: str, logp: torch.Tensor, behaviour_logp: torch.Tensor, advantages: torch.Tensor,
+                     args: Args) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-token surrogate loss (to be averaged over all action tokens) and its trust diagnostics.
+
+    logp, behaviour_logp: (..., tokens); advantages broadcast to them (a chunk's 56 tokens share it).
+    gipo:     -w * rho * A            (gradient w * rho * A * grad log pi; w * rho <= exp(sigma^2 / 2))
+    ppo-clip: -min(rho * A, clip(rho, 1 - eps, 1 + eps) * A)
+    sapo:     -(4 / tau) * sigmoid(tau * (rho - 1)) * A, tau by the sign of A (not multiplied by rho)
+    no-clip:  -rho * A
+    """
+    ratio = torch.exp(logp - behaviour_logp)
+    w = gipo_trust_weight(ratio, args.gipo_sigma)
+    if loss == "gipo":
+        per_token = -(w * ratio * advantages)
+    elif loss == "ppo-clip":
+        per_token = -torch.min(ratio * advantages, ratio.clamp(1 - args.clip_eps, 1 + args.clip_eps) * advantages)
+    elif loss == "sapo":
+        tau = torch.where(advantages > 0, torch.full_like(ratio, args.sapo_tau_pos),
+                          torch.full_like(ratio, args.sapo_tau_neg))
+        per_token = -(4.0 / tau) * torch.sigmoid(tau * (ratio - 1.0)) * advantages
+    elif loss == "no-clip":
+        per_token = -(ratio * advantages)
+    else:
+        raise ValueError(f"unknown --loss {loss!r}")
+    return per_token, {"ratio": ratio.detach(), "w": w.detach()}
+
+
+def lr_lambda(args: Args):
+    """Linear warm-up, then cosine decay to min_lr_ratio (reference.md section 4)."""
+
+    def fn(update: int) -> float:
+        if update < args.warmup_updates:
+            return (update + 1) / args.warmup_updates
+        progress = min(1.0, (update - args.warmup_updates) / max(1, args.lr_decay_updates))
+        return args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return fn
+
+
+def published_tensors(policy: torch.nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
+    """What the inference copy needs: everything once, then after each update only the trainable
+    parameters (and buffers): frozen weights never change, so they are not copied again."""
+    named = {n: p for n, p in policy.named_parameters() if p.requires_grad or not trainable_only}
+    named.update(dict(policy.named_buffers()))
+    return named
+
+
+class Learner:
+    """`learner`: assembles segments into a super batch, GAE with bootstrap (optionally recomputing
+    values with the current critic), advantage normalisation, the per-token objective, one or more
+    optimiser steps; then publishes the weights with a new version. Writes checkpoints."""
+
+    def __init__(self, args: Args, shared: Shared, chan: Channels, poll_s: float, device: str, run_dir: Path,
+                 resume_from: Path | None):
+        from accelerate import Accelerator
+
+        self.args, self.shared, self.chan, self.poll_s, self.run_dir = args, shared, chan, poll_s, run_dir
+        self.name = "learner"
+        on_cuda = device.startswith("cuda")
+        if on_cuda:
+            torch.cuda.set_device(torch.device(device))
+        self.accelerator = Accelerator(cpu=not on_cuda, mixed_precision="bf16" if on_cuda and args.bf16 else "no")
+        self.device = self.accelerator.device
+        torch.manual_seed(args.seed)
+        random.seed(args.seed)
+        np.random.seed(args.seed % 2**32)
+        policy = VLAPolicy(args.policy)
+        optimizer = torch.optim.AdamW(
+            [{"params": policy.policy_parameters(), "lr": args.policy_lr, "name": "policy"},
+             {"params": policy.value_parameters(), "lr": args.value_lr, "name": "value"}],
+            weight_decay=args.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [lr_lambda(args), lr_lambda(args)])
+        self.policy, self.optimizer = self.accelerator.prepare(policy, optimizer)
+        self.update = 0
+        if resume_from is not None:
+            self._load(resume_from)
+        self.getter = TimedGet(self.name, args.wait_timeout_s)
+        self.segments: list[int] = []
+        self.last_update_time = time.perf_counter()
+        self.publish(trainable_only=False)
+
+    # -- weights and checkpoints -----------------------------------------------------------------
+    def publish(self, trainable_only: bool = True) -> None:
+        policy = self.accelerator.unwrap_model(self.policy)
+        self.shared.weights.publish(published_tensors(policy, trainable_only), self.update)
+
+    def save(self) -> Path:
+        model = self.accelerator.unwrap_model(self.policy).state_dict()
+        opt_tensors, opt_meta = ckpt.optimizer_to_tensors(self.optimizer.state_dict())
+        meta = {"args": _jsonable(asdict(self.args)), "counters": self.shared.counters.totals(),
+                "optimizer": opt_meta, "scheduler": self.scheduler.state_dict(), "versions": software_versions(self.args)}
+        path = ckpt.save_checkpoint(self.run_dir, self.update, model, opt_tensors, meta)
+        log(self.name, f"checkpoint {path}")
+        return path
+
+    def _load(self, path: Path) -> None:
+        model, opt_tensors, rng, meta = ckpt.load_checkpoint(path)
+        self.accelerator.unwrap_model(self.policy).load_state_dict(model)
+        self.optimizer.load_state_dict(ckpt.optimizer_from_tensors(opt_tensors, meta["optimizer"]))
+        self.scheduler.load_state_dict(meta["scheduler"])
+        ckpt.set_rng_state(rng, meta["rng"])
+        self.update = int(meta["update"])
+        log(self.name, f"resumed from {path} at update {self.update}")
+
+    # -- the loop --------------------------------------------------------------------------------
+    def step(self) -> None:
+        seg = self.getter.get(self.chan.full_segments, "env workers (no full segment)", self.poll_s)
+        if seg is None:
+            return
+        self.segments.append(seg)
+        if len(self.segments) < self.args.segments_per_update:
+            return
+        segments, self.segments = self.segments, []
+        batch = self._assemble(segments)
+        metrics = self.train_on(batch)
+        self.update += 1
+        self.publish()
+        now = time.perf_counter()
+        metrics["perf/learner_update_s"] = now - self.last_update_time
+        metrics["perf/learner_samples_per_s"] = batch["mask"].numel() / (now - self.last_update_time)
+        metrics["perf/learner_wait_data_s"] = self.getter.pop_waited()
+        metrics["charts/update"] = self.update
+        self.last_update_time = now
+        self.chan.stats.put(("update", self.name, metrics))
+        if self.args.checkpoint_every_updates and self.update % self.args.checkpoint_every_updates == 0:
+            self.save()
+
+    def _assemble(self, segments: list[int]) -> dict[str, torch.Tensor]:
+        """Copy the segments out of shared memory, then hand the slots back to the env workers."""
+        storage, T = self.shared.storage, self.args.segment_len
+        idx = torch.tensor(segments)
+        batch = {name: storage.fields[name][idx].clone() for name in (
+            "images", "instruction", "action_tokens", "logp", "log_probs", "value", "version",
+            "reward", "terminated", "truncated", "trunc_value", "valid")}
+        for seg in segments:
+            self.chan.free_segments.put(seg)
+        batch["bootstrap_images"] = batch["images"][:, T]
+        batch["bootstrap_instruction"] = batch["instruction"][:, T]
+        batch["bootstrap_value"] = batch["value"][:, T]
+        for name in list(batch):
+            if not name.startswith("bootstrap"):
+                batch[name] = batch[name][:, :T]
+        lag = self.update - batch["version"]
+        batch["lag"] = lag
+        mask = batch["valid"].clone()
+        if self.args.max_policy_lag is not None:
+            mask &= lag <= self.args.max_policy_lag
+        batch["mask"] = mask
+        return batch
+
+    @torch.no_grad()
+    def _values(self, images: torch.Tensor, instructions: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+        out = []
+        for i in range(0, len(images), chunk):
+            with self.accelerator.autocast():
+                _, value = self.policy(images[i:i + chunk].to(self.device), instructions[i:i + chunk].to(self.device))
+            out.append(value.float().cpu())
+        return torch.cat(out)
+
+    def train_on(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        args = self.args
+        N, T = batch["reward"].shape
+        values, bootstrap = batch["value"], batch["bootstrap_value"]
+        if args.recompute_value:
+            values = self._values(batch["images"].flatten(0, 1), batch["instruction"].flatten(0, 1)).view(N, T)
+            bootstrap = self._values(batch["bootstrap_images"], batch["bootstrap_instruction"])
+        advantages, returns = compute_gae(batch["reward"], values, bootstrap, batch["terminated"],
+                                          batch["truncated"], batch["trunc_value"], args.gamma, args.gae_lambda)
+        flat = {k: batch[k].flatten(0, 1) for k in ("images", "instruction", "action_tokens", "logp", "log_probs",
+                                                     "mask", "lag")}
+        flat["advantages"], flat["returns"], flat["values"] = advantages.flatten(), returns.flatten(), values.flatten()
+        mask = flat["mask"]
+        kept = int(mask.sum())
+        if kept == 0:
+            return {"charts/samples_kept_fraction": 0.0}
+        if args.norm_adv:
+            a = flat["advantages"][mask]
+            flat["advantages"] = (flat["advantages"] - a.mean()) / (a.std(unbiased=False) + 1e-8)
+
+        self.policy.train()
+        sums: dict[str, list[float]] = defaultdict(list)
+        diagnostics: dict[str, list[torch.Tensor]] = defaultdict(list)
+        order = torch.nonzero(mask).squeeze(1)
+        for _ in range(args.update_epochs):
+            order = order[torch.randperm(len(order))]
+            for mb in order.chunk(args.num_minibatches):
+                metrics, diag = self._minibatch_step({k: v[mb] for k, v in flat.items()})
+                for k, v in metrics.items():
+                    sums[k].append(v)
+                for k, v in diag.items():
+                    diagnostics[k].append(v)
+        self.scheduler.step()
+        self.policy.eval()
+
+        # staleness instruments (reference.md section 2), over every token of the super batch
+        ratio, w = torch.cat(diagnostics["ratio"]), torch.cat(diagnostics["w"])
+        u = (w * ratio).double()
+        lag = flat["lag"][mask].double()
+        y, v = flat["returns"][mask], flat["values"][mask]
+        out = {k: float(np.mean(v)) for k, v in sums.items()}
+        out.update({
+            "charts/policy_lag_mean": lag.mean().item(),
+            "charts/policy_lag_p95": torch.quantile(lag, 0.95).item(),
+            "charts/policy_lag_max": lag.max().item(),
+            "charts/abs_log_ratio_p95": torch.quantile(ratio.double().log().abs(), 0.95).item(),
+            "charts/trust_weight_below_1e-3": (w < 1e-3).double().mean().item(),
+            "charts/effective_sample_size": ((u.sum() ** 2) / (u.square().sum() + 1e-12) / u.numel()).item(),
+            "charts/explained_variance": (1 - (y - v).var() / (y.var() + 1e-8)).item(),
+            "charts/samples_kept_fraction": kept / mask.numel(),
+            "charts/advantage_mean_raw": advantages.flatten()[mask].mean().item(),
+            "charts/lr_policy": self.optimizer.param_groups[0]["lr"],
+            "charts/lr_value": self.optimizer.param_groups[1]["lr"],
+        })
+        return out
+
+    def _minibatch_step(self, mb: dict[str, torch.Tensor]) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        args, dev = self.args, self.device
+        with self.accelerator.autocast():
+            out = self.policy.evaluate(mb["images"].to(dev), mb["instruction"].to(dev), mb["action_tokens"].to(dev))
+        logp = out["logp"].float().flatten(1)  # (B, tokens)
+        behaviour_logp = mb["logp"].to(dev).flatten(1)
+        adv = mb["advantages"].to(dev)[:, None]
+        per_token, diag = policy_objective(args.loss, logp, behaviour_logp, adv, args)
+        pg_loss = per_token.mean()
+        # KL(behaviour || current) over the full 256-way categorical of every token
+        b_logp_all = mb["log_probs"].to(dev).float()
+        kl = (b_logp_all.exp() * (b_logp_all - out["log_probs"].float())).sum(-1).mean()
+        entropy = out["entropy"].float().mean()
+        value_loss = (out["value"].float() - mb["returns"].to(dev)).square().mean()
+        loss = pg_loss + args.kl_coef * kl - args.ent_coef * entropy + args.vf_coef * value_loss
+        self.optimizer.zero_grad(set_to_none=True)
+        self.accelerator.backward(loss)
+        grad_norm = self.accelerator.clip_grad_norm_(self.policy.parameters(), args.max_grad_norm)
+        self.optimizer.step()
+        metrics = {"losses/policy_loss": pg_loss.item(), "losses/value_loss": value_loss.item(),
+                   "losses/kl": kl.item(), "losses/entropy": entropy.item(), "losses/total": loss.item(),
+                   "losses/grad_norm": float(grad_norm)}
+        return metrics, {"ratio": diag["ratio"].flatten().float().cpu(), "w": diag["w"].flatten().float().cpu()}
+
+    def close(self) -> None:
+        self.save()
+
+
+# ===================================================================================================
+# main: storage, queues, processes, supervision, shutdown
+# ===================================================================================================
+def software_versions(args: Args) -> dict[str, str]:
+    import importlib.metadata as md
+
+    versions = {"python": sys.version.split()[0], "torch": torch.__version__}
+    names = ["transformers", "accelerate"]
+    if parse_task(args.task)[0].startswith("libero"):
+        names += ["mujoco", "robosuite", "libero", "bddl"]
+    for name in names:
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            versions[name] = "not installed"
+    versions["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return versions
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, default=str))
+
+
+def run_role(name: str, build, stop_event, stats, heartbeats: Heartbeats) -> None:
+    """Process entry: build the role, step it until its stop event, report any exception with its
+    traceback (the main process then stops the run). Only the main process handles Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    torch.set_num_threads(1)  # leave the other cores to the simulators (platform.md)
+    role = None
+    try:
+        role = build()
+        while not stop_event.is_set():
+            role.step()
+            heartbeats.beat(name)
+        role.close()
+    except _Stopping:
+        if role is not None:
+            role.close()
+    except BaseException:
+        stats.put(("error", name, traceback.format_exc()))
+        stats.close()
+        stats.join_thread()
+        sys.exit(1)
+    stats.close()
+    stats.join_thread()
+
+
+class Run:
+    """The main process: wiring, supervision, the one tensorboard writer, evaluation rounds, shutdown."""
+
+    def __init__(self, args: Args):
+        self.args = args
+        self.spec = env_spec(args.task, image_size=args.policy.image_size, wrist_camera=args.wrist_camera)
+        self.learner_device, self.inference_device = resolve_devices(args)
+        self.resume_from = None
+        if args.resume:
+            self.resume_from = ckpt.resolve_checkpoint(args.resume)
+        source = self.resume_from or (ckpt.resolve_checkpoint(args.checkpoint) if args.eval_only else None)
+        if source is not None:  # the policy's architecture is the checkpoint's, whatever the flags say
+            saved = json.loads((source / "meta.json").read_text())["args"]["policy"]
+            args.policy = PolicyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+        self.run_dir = self._run_dir()
+        self.start_time = time.time()
+        self.interrupted = False
+        self.eval_rounds: dict[int, dict] = {}
+        self.next_round = 0
+        self.final_eval: dict | None = None
+        self.episode_window = deque(maxlen=100)
+
+    def _run_dir(self) -> Path:
+        args = self.args
+        if self.resume_from is not None:
+            return self.resume_from.parent.parent
+        if args.run_dir:
+            return Path(args.run_dir)
+        name = f"{args.task.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        return Path("runs") / name
+
+    # -- wiring ----------------------------------------------------------------------------------
+    def build(self, serial: bool) -> None:
+        args, spec = self.args, self.spec
+        num_train = 0 if args.eval_only else args.num_envs
+        num_segments = num_train + args.segments_per_update * 2 + args.num_eval_workers
+        self.first_eval_segment = num_segments - args.num_eval_workers
+        shape = StorageShape(num_segments=num_segments, segment_len=args.segment_len,
+                             num_cameras=len(spec.cameras), image_size=args.policy.image_size,
+                             proprio_dim=spec.proprio_dim, instruction_len=args.policy.max_instruction_tokens,
+                             chunk_len=args.policy.chunk_len, action_dim=args.policy.action_dim,
+                             num_bins=args.policy.num_bins)
+        share = not serial
+        storage = RolloutStorage(shape, share=share)
+        with torch.device("meta"):
+            skeleton = VLAPolicy(args.policy)
+        weights = WeightBroadcast({n: torch.zeros(t.shape, dtype=t.dtype)
+                                   for n, t in published_tensors(skeleton, trainable_only=False).items()}, share=share)
+        self.names = ([f"env_worker_{i}" for i in range(0 if args.eval_only else args.num_env_workers)]
+                      + [f"eval_worker_{j}" for j in range(args.num_eval_workers)] + ["inference"]
+                      + ([] if args.eval_only else ["learner"]))
+        counters = Counters(len(self.names), share=share)
+        heartbeats = Heartbeats(self.names, share=share)
+        ctx = mp.get_context("spawn")
+        make_q = (lambda n: queue.Queue(maxsize=n)) if serial else (lambda n: ctx.Queue(maxsize=n))
+        make_event = threading.Event if serial else ctx.Event
+        clients = args.num_env_workers + args.num_eval_workers
+        self.chan = Channels(
+            requests=make_q(args.num_envs + args.num_eval_workers + 8),
+            actions=[make_q(args.envs_per_worker + 2) for _ in range(clients)],
+            free_segments=make_q(num_segments + 1), full_segments=make_q(num_segments + 1),
+            eval_jobs=make_q(100_000), stats=make_q(100_000))
+        self.shared = Shared(storage, weights, counters, heartbeats, make_event(), make_event())
+        for seg in range(self.first_eval_segment):
+            self.chan.free_segments.put(seg)
+        if self.resume_from is not None:
+            meta = json.loads((self.resume_from / "meta.json").read_text())
+            counters.restore(meta["counters"])
+        log("main", f"shared storage {storage.nbytes() / 2**20:.0f} MiB: {num_segments} segments x "
+                    f"{args.segment_len + 2} rows; weights {sum(t.numel() for t in weights.tensors.values()) / 1e6:.2f} M")
+
+    def role_builders(self, serial: bool) -> dict[str, object]:
+        """name -> zero-argument constructor of that role (called inside the role's process)."""
+        args, spec, shared, chan = self.args, self.spec, self.shared, self.chan
+        poll = 0.0 if serial else 0.05
+        builders = {}
+        if not args.eval_only:
+            for i in range(args.num_env_workers):
+                builders[f"env_worker_{i}"] = _Builder(EnvWorker, i, args, spec, shared, chan, poll,
+                                                       self.resume_update())
+        for j in range(args.num_eval_workers):
+            builders[f"eval_worker_{j}"] = _Builder(EvalWorker, j, args.num_env_workers + j, args, spec, shared, chan,
+                                                    poll, self.first_eval_segment + j, self.run_dir / "videos")
+        builders["inference"] = _Builder(InferenceServer, args, shared, chan, poll, self.inference_device)
+        if not args.eval_only:
+            builders["learner"] = _Builder(Learner, args, shared, chan, poll, self.learner_device, self.run_dir,
+                                           self.resume_from)
+        return builders
+
+    def resume_update(self) -> int:
+        if self.resume_from is None:
+            return 0
+        return int(json.loads((self.resume_from / "meta.json").read_text())["update"])
+
+    # -- running ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        args = self.args
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        purge = self.shared.counters.total("global_env_step") if self.resume_from else None
+        self.writer = SummaryWriter(str(self.run_dir), purge_step=purge)
+        header = {"run_dir": str(self.run_dir), "mode": args.mode, "task": args.task, "tasks": self.spec.num_tasks,
+                  "env_workers": args.num_env_workers, "envs": args.num_envs, "learner_device": self.learner_device,
+                  "inference_device": self.inference_device, "loss": args.loss,
+                  "train_init_states": args.init_states if parse_task(args.task)[0].startswith("libero") else "random",
+                  "versions": software_versions(args)}
+        if self.resume_from:
+            header["resumed_from"] = str(self.resume_from)
+        log("main", "run " + json.dumps(header))
+        if not self.resume_from:
+            self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
+                f"|{k}|{v}|" for k, v in sorted(_flatten(asdict(args)).items())))
+            (self.run_dir / "args.json").write_text(json.dumps(_jsonable(asdict(args)), indent=1))
+
+    def run(self) -> int:
+        serial = self.args.mode == "serial"
+        self.build(serial)
+        self.start()
+        if self.args.eval_only:
+            self._publish_checkpoint_weights()
+        builders = self.role_builders(serial)
+        if serial:
+            return self._run_serial(builders)
+        return self._run_processes(builders)
+
+    def _publish_checkpoint_weights(self) -> None:
+        model, _, _, meta = ckpt.load_checkpoint(self.args.checkpoint)
+        self.shared.weights.publish(model, int(meta["update"]))
+
+    def _run_processes(self, builders: dict) -> int:
+        ctx = mp.get_context("spawn")
+        self.procs = {}
+        for name, build in builders.items():
+            stop = self.shared.stop if name in ("inference",) or name.startswith("eval") else self.shared.train_stop
+            p = ctx.Process(target=run_role, name=name, args=(name, build, stop, self.chan.stats, self.shared.heartbeats),
+                            daemon=True)
+            p.start()
+            self.procs[name] = p
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        code = 0
+        try:
+            code = self._supervise()
+        except BaseException:
+            log("main", "supervisor failed:\n" + traceback.format_exc())
+            code = 1
+        finally:
+            self._shutdown(code)
+            for s, h in previous.items():
+                signal.signal(s, h)
+        return code
+
+    def _on_signal(self, signum, frame) -> None:
+        log("main", f"got {signal.Signals(signum).name}: stopping (final checkpoint, then exit)")
+        self.interrupted = True
+
+    def _training_done(self) -> bool:
+        args = self.args
+        if args.eval_only:
+            return False
+        steps = self.shared.counters.total("global_env_step")
+        return steps >= args.total_env_steps or (args.max_seconds > 0 and time.time() - self.start_time >= args.max_seconds)
+
+    def _supervise(self) -> int:
+        """Drain stats, log, schedule evaluations, watch children; returns the exit code."""
+        args = self.args
+        self.last_log = time.time()
+        self.last_steps = (time.time(), self.shared.counters.total("global_env_step"))
+        if args.eval_only:
+            round_id = self._enqueue_eval_round(args.eval_episodes_per_task * self.spec.num_tasks, per_task=True)
+        next_eval_update = args.eval_every_updates
+        while True:
+            self._drain_stats()
+            if self.interrupted:
+                return 130
+            for name, p in self.procs.items():
+                if p.exitcode not in (None, 0):
+                    log("main", f"{name} died with exit code {p.exitcode}; stopping the run")
+                    return 1
+                if p.exitcode == 0 and not self.shared.train_stop.is_set():
+                    log("main", f"{name} exited early; stopping the run")
+                    return 1
+            silent = {n: s for n, s in self.shared.heartbeats.silent_for().items()
+                      if s > args.wait_timeout_s and self.procs[n].is_alive()}
+            if silent:
+                log("main", f"no heartbeat for {max(silent.values()):.0f} s from {', '.join(silent)}; stopping the run")
+                return 1
+            if args.eval_only:
+                if self._round_complete(round_id):
+                    self.final_eval = self._close_round(round_id, final=True)
+                    return 0
+                continue
+            version = self.shared.weights.published_version()
+            if args.eval_every_updates and version >= next_eval_update and args.num_eval_workers:
+                self._enqueue_eval_round(args.eval_episodes)
+                next_eval_update = version + args.eval_every_updates
+            for rid in [r for r in self.eval_rounds if self._round_complete(r)]:
+                self._close_round(rid)
+            if time.time() - self.last_log > args.log_every_s:
+                self._progress()
+            if self._training_done():
+                self._progress()
+                return self._finish_training()
+
+    def _finish_training(self) -> int:
+        """Stop collection, let the learner publish and checkpoint, then a final greedy evaluation."""
+        self.shared.train_stop.set()
+        deadline = time.time() + 60
+        while self.procs["learner"].is_alive() and time.time() < deadline and not self.interrupted:
+            self._drain_stats()
+        if self.procs["learner"].exitcode not in (0, None):
+            return 1
+        if self.args.num_eval_workers and self.args.final_eval_episodes and not self.interrupted:
+            rid = self._enqueue_eval_round(self.args.final_eval_episodes, per_task=False)
+            deadline = time.time() + self.args.wait_timeout_s
+            while not self._round_complete(rid) and time.time() < deadline and not self.interrupted:
+                self._drain_stats()
+                if any(p.exitcode not in (None, 0) for p in self.procs.values()):
+                    return 1
+            if self._round_complete(rid):
+                self.final_eval = self._close_round(rid, final=True)
+        return 130 if self.interrupted else 0
+
+    def _shutdown(self, code: int) -> None:
+        self.shared.train_stop.set()
+        self.shared.stop.set()
+        deadline = time.time() + 8.0  # everything is gone within 10 s of a signal
+        while time.time() < deadline and any(p.is_alive() for p in self.procs.values()):
+            self._drain_stats(timeout=0.05)
+        for name, p in self.procs.items():
+            if p.is_alive():
+                log("main", f"{name} did not exit in time; terminating it")
+                p.terminate()
+                p.join(timeout=1.0)
+            if p.is_alive():
+                p.kill()
+        self._drain_stats(timeout=0.0)
+        self._write_summary(code)
+
+    def _run_serial(self, builders: dict) -> int:
+        """Serial mode: the same role objects, stepped round-robin in this process."""
+        roles = {name: build() for name, build in builders.items()}
+        self.procs = {}
+        self.last_log = time.time()
+        self.last_steps = (time.time(), 0)
+        code = 0
+        try:
+            if self.args.eval_only:
+                rid = self._enqueue_eval_round(self.args.eval_episodes_per_task * self.spec.num_tasks, per_task=True)
+            while True:
+                for name, role in roles.items():
+                    if name.startswith(("env_worker", "learner")) and self.shared.train_stop.is_set():
+                        continue
+                    role.step()
+                self._drain_stats(timeout=0.0)
+                if self.args.eval_only:
+                    if self._round_complete(rid):
+                        self.final_eval = self._close_round(rid, final=True)
+                        break
+                    continue
+                if time.time() - self.last_log > self.args.log_every_s:
+                    self._progress()
+                if self._training_done():
+                    self.shared.train_stop.set()
+                    break
+            if not self.args.eval_only:
+                roles["learner"].close()
+                if self.args.num_eval_workers and self.args.final_eval_episodes:
+                    rid = self._enqueue_eval_round(self.args.final_eval_episodes)
+                    while not self._round_complete(rid):
+                        for name in roles:
+                            if name.startswith(("eval", "inference")):
+                                roles[name].step()
+                        self._drain_stats(timeout=0.0)
+                    self.final_eval = self._close_round(rid, final=True)
+        except KeyboardInterrupt:
+            code = 130
+        finally:
+            for name, role in roles.items():
+                if name != "learner":
+                    role.close()
+            self._write_summary(code)
+        return code
+
+    # -- evaluation rounds -------------------------------------------------------------------------
+    def _enqueue_eval_round(self, episodes: int, per_task: bool = False) -> int:
+        """Jobs (round, task, seed). Episode k of task t uses seed k: LIBERO's k-th fixed initial state."""
+        rid, self.next_round = self.next_round, self.next_round + 1
+        tasks = range(self.spec.num_tasks)
+        pinned = parse_task(self.args.task)[1]
+        if pinned is not None:
+            tasks = [pinned]
+        jobs = []
+        if per_task:
+            jobs = [(rid, t, k) for t in tasks for k in range(self.args.eval_episodes_per_task)]
+        else:
+            jobs = [(rid, t, k) for k in range(math.ceil(episodes / len(tasks))) for t in tasks][:episodes]
+        for job in jobs:
+            self.chan.eval_jobs.put(job)
+        self.eval_rounds[rid] = {"expected": len(jobs), "episodes": [], "version": self.shared.weights.published_version(),
+                                 "global_env_step": self.shared.counters.total("global_env_step"), "start": time.time()}
+        return rid
+
+    def _round_complete(self, rid: int) -> bool:
+        r = self.eval_rounds.get(rid)
+        return r is not None and len(r["episodes"]) >= r["expected"]
+
+    def _close_round(self, rid: int, final: bool = False) -> dict:
+        r = self.eval_rounds.pop(rid)
+        per_task = defaultdict(list)
+        for ep in r["episodes"]:
+            per_task[ep["task_id"]].append(ep["success"])
+        table = {self.spec.instructions[t]: float(np.mean(v)) for t, v in sorted(per_task.items())}
+        success = float(np.mean([ep["success"] for ep in r["episodes"]]))
+        step = r["global_env_step"]
+        self.writer.add_scalar("eval/success_rate", success, step)
+        self.writer.add_scalar("eval/episodic_return", float(np.mean([ep["return"] for ep in r["episodes"]])), step)
+        self.writer.add_scalar("eval/episodic_length", float(np.mean([ep["length"] for ep in r["episodes"]])), step)
+        for t, v in sorted(per_task.items()):
+            self.writer.add_scalar(f"eval/success_rate_task_{t}", float(np.mean(v)), step)
+        result = {"success_rate": success, "episodes": len(r["episodes"]), "version": r["version"],
+                  "global_env_step": step, "per_task": table, "seconds": time.time() - r["start"]}
+        log("main", f"eval round {rid}: success {success:.3f} over {len(r['episodes'])} episodes "
+                    f"(policy version {r['version']}, env step {step:,})")
+        if final:
+            self._write_eval_table(result)
+        return result
+
+    def _write_eval_table(self, result: dict) -> None:
+        lines = [f"# Greedy evaluation: {self.args.task}", "",
+                 f"policy version {result['version']}, {result['episodes']} episodes, "
+                 f"{result['seconds']:.0f} s, seed {self.args.seed}", "", "| task | success |", "|---|---|"]
+        lines += [f"| {name} | {100 * s:.1f} % |" for name, s in result["per_task"].items()]
+        lines += [f"| **suite** | **{100 * result['success_rate']:.1f} %** |"]
+        (self.run_dir / "eval_results.md").write_text("\n".join(lines) + "\n")
+        (self.run_dir / "eval_results.json").write_text(json.dumps(result, indent=1))
+
+    # -- statistics ------------------------------------------------------------------------------
+    def _drain_stats(self, timeout: float = 0.1) -> None:
+        deadline = time.time() + timeout
+        while True:
+            try:
+                remaining = deadline - time.time()
+                kind, role, payload = (self.chan.stats.get(timeout=remaining) if remaining > 0
+                                       else self.chan.stats.get_nowait())
+            except (queue.Empty, OSError, ValueError):
+                return
+            self._handle_stat(kind, role, payload)
+
+    def _handle_stat(self, kind: str, role: str, payload) -> None:
+        step = self.shared.counters.total("global_env_step")
+        if kind == "error":
+            log("main", f"{role} failed:\n{payload}")
+            if self.args.mode == "serial":
+                raise RuntimeError(f"{role} failed")
+            return
+        if kind == "episode":
+            self.episode_window.append(payload["success"])
+            self.writer.add_scalar("charts/episodic_return", payload["return"], step)
+            self.writer.add_scalar("charts/episodic_length", payload["length"], step)
+            self.writer.add_scalar("charts/success_rate", float(np.mean(self.episode_window)), step)
+        elif kind == "eval_episode":
+            video = payload.pop("video", None)
+            if payload["round"] in self.eval_rounds:
+                self.eval_rounds[payload["round"]]["episodes"].append(payload)
+            if video is not None:
+                self._log_video(f"videos/eval_task_{payload['task_id']}", Path(video), step)
+        elif kind in ("update", "perf"):
+            for tag, value in payload.items():
+                self.writer.add_scalar(tag, value, step)
+            if kind == "update":
+                self.last_update_metrics = payload
+
+    def _log_video(self, tag: str, path: Path, step: int) -> None:
+        """An animated GIF summary (what tensorboard's add_video writes, without needing moviepy)."""
+        import io
+
+        from PIL import Image
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        try:
+            frames = np.load(path)
+        except (OSError, ValueError):
+            return
+        path.unlink(missing_ok=True)
+        buf = io.BytesIO()
+        images = [Image.fromarray(f) for f in frames]
+        images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=250, loop=0)
+        image = Summary.Image(height=frames.shape[1], width=frames.shape[2], colorspace=3,
+                              encoded_image_string=buf.getvalue())
+        self.writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+
+    def _progress(self) -> None:
+        now = time.time()
+        totals = self.shared.counters.totals()
+        steps = totals["global_env_step"]
+        dt = now - self.last_steps[0]
+        rate = (steps - self.last_steps[1]) / dt if dt > 0 else 0.0
+        self.last_steps, self.last_log = (now, steps), now
+        self.writer.add_scalar("perf/env_steps_per_s", rate, steps)
+        self.writer.add_scalar("perf/chunk_steps", totals["chunk_step"], steps)
+        self.writer.add_scalar("perf/env_restarts", totals["env_restarts"], steps)
+        left = self.args.total_env_steps - steps
+        eta = left / rate if rate > 0 else float("inf")
+        if self.args.max_seconds:
+            eta = min(eta, self.args.max_seconds - (now - self.start_time))
+        pct = 100 * steps / self.args.total_env_steps
+        bar = "#" * int(pct / 5) + "." * (20 - int(pct / 5))
+        success = float(np.mean(self.episode_window)) if self.episode_window else 0.0
+        log("main", f"[{bar}] {pct:5.1f}% env steps {steps:,} | {rate:,.0f} steps/s | chunk steps "
+                    f"{totals['chunk_step']:,} | updates {self.shared.weights.published_version()} | "
+                    f"train success {success:.2f} | ETA {_fmt_s(eta)}")
+
+    def _write_summary(self, code: int) -> None:
+        totals = self.shared.counters.totals()
+        wall = time.time() - self.start_time
+        summary = {"exit_code": code, "interrupted": self.interrupted, "task": self.args.task, "mode": self.args.mode,
+                   "final_eval_success": None if self.final_eval is None else self.final_eval["success_rate"],
+                   "final_eval": self.final_eval, "global_env_step": totals["global_env_step"],
+                   "chunk_step": totals["chunk_step"], "episodes": totals["episodes"],
+                   "env_restarts": totals["env_restarts"], "updates": self.shared.weights.published_version(),
+                   "wall_seconds": wall, "env_steps_per_s": totals["global_env_step"] / max(wall, 1e-9),
+                   "versions": software_versions(self.args), "run_dir": str(self.run_dir)}
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        self.writer.close()
+        log("main", f"summary: {json.dumps({k: v for k, v in summary.items() if k not in ('final_eval', 'versions')})}")
+
+
+class _Builder:
+    """A picklable zero-argument constructor (spawned processes receive it)."""
+
+    def __init__(self, cls, *args):
+        self.cls, self.args = cls, args
+
+    def __call__(self):
+        return self.cls(*self.args)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _fmt_s(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
+
+
+def main(args: Args) -> int:
+    args = derive_and_check(args)
+    return Run(args).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main(tyro.cli(Args)))

@@ -1,0 +1,120 @@
+"""CPU speed of the VLA policy: batched inference (`act`) and one learner step (`evaluate` + backward + AdamW).
+
+    python benchmarks/policy_speed.py --threads 1 --batch 8 16 32 --seconds 5
+
+Prints the parameter count, inferences/s (= observations/s: batch x forward calls per second) for every
+batch size in float32 and under bf16 autocast, the time of one training step, and a final JSON line with
+everything (for scripts and for platform.md). Random weights and random inputs: speed does not depend on
+them, except for denormals, which the policy flushes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import tyro
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from vla_policy import PolicyConfig, VLAPolicy, policy_autocast  # noqa: E402
+
+
+@dataclass
+class Args:
+    threads: int = 1
+    """torch intra-op threads (the platform runs the policy on one core and leaves the other to the envs)."""
+    batch: list[int] = field(default_factory=lambda: [8, 16, 32])
+    """Inference batch sizes to time."""
+    seconds: float = 5.0
+    """Timing budget per measurement (after one warm-up call)."""
+    train_batch: int = 64
+    """Batch of one learner step."""
+    train_steps: int = 3
+    """Learner steps timed (after one warm-up step)."""
+    bf16: bool = True
+    """Also time inference and training under CPU bf16 autocast."""
+    layout: str = "per_step"
+    """PolicyConfig.layout."""
+    overrides: str = ""
+    """Extra PolicyConfig fields as JSON, e.g. '{"decoder_layers": 4}' (for sweeps)."""
+
+
+def random_inputs(cfg: PolicyConfig, batch: int, generator: torch.Generator):
+    """Random uint8 images and full-length instruction ids (the worst case: no padding)."""
+    images = torch.randint(0, 256, (batch, cfg.num_cameras, cfg.image_size, cfg.image_size, 3),
+                           dtype=torch.uint8, generator=generator)
+    tokens = torch.randint(3, 259, (batch, cfg.max_instruction_tokens), generator=generator)
+    return images, tokens
+
+
+def time_inference(policy: VLAPolicy, batch: int, seconds: float, bf16: bool) -> float:
+    """Observations per second through `act` (sampling included)."""
+    images, tokens = random_inputs(policy.cfg, batch, torch.Generator().manual_seed(batch))
+    with policy_autocast("cpu", cpu_bf16=bf16):
+        policy.act(images, tokens)  # warm-up: allocator, oneDNN primitive caches
+        calls, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            policy.act(images, tokens)
+            calls += 1
+    return calls * batch / (time.perf_counter() - start)
+
+
+def time_training(policy: VLAPolicy, batch: int, steps: int, bf16: bool) -> float:
+    """Seconds per learner step: evaluate + a policy-gradient + value + KL loss, backward, AdamW step."""
+    cfg = policy.cfg
+    images, tokens = random_inputs(cfg, batch, torch.Generator().manual_seed(0))
+    actions = torch.randint(0, cfg.num_bins, (batch, cfg.chunk_len, cfg.action_dim))
+    advantages, returns = torch.randn(batch), torch.randn(batch)
+    behaviour = torch.randn(batch, cfg.chunk_len, cfg.action_dim, cfg.num_bins).log_softmax(-1)
+    optimiser = torch.optim.AdamW([{"params": policy.policy_parameters(), "lr": 1e-4},
+                                   {"params": policy.value_parameters(), "lr": 1e-4}])
+    policy.train()
+    durations = []
+    for step in range(steps + 1):
+        start = time.perf_counter()
+        with policy_autocast("cpu", cpu_bf16=bf16):
+            out = policy.evaluate(images, tokens, actions)
+        ratio = (out["logp"] - out["logp"].detach()).exp()
+        kl = (behaviour.exp() * (behaviour - out["log_probs"])).sum(-1).mean()
+        loss = -(ratio * advantages[:, None, None]).mean() + 0.5 * (out["value"] - returns).pow(2).mean() + 0.1 * kl
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        optimiser.step()
+        if step:  # the first step allocates AdamW state
+            durations.append(time.perf_counter() - start)
+    policy.eval()
+    return sum(durations) / len(durations)
+
+
+def main(args: Args) -> None:
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cfg = PolicyConfig(layout=args.layout, **(json.loads(args.overrides) if args.overrides else {}))
+    policy = VLAPolicy(cfg).eval()
+    params = policy.num_parameters()
+    print(f"threads={args.threads} layout={cfg.layout} slots={cfg.num_action_slots} "
+          f"seq={cfg.vision_tokens + cfg.max_instruction_tokens + cfg.num_action_slots} params={params / 1e6:.2f} M")
+    result = {"threads": args.threads, "config": dataclasses.asdict(cfg), "params": params, "inference": {}}
+    dtypes = ["fp32", "bf16"] if args.bf16 else ["fp32"]
+    for dtype in dtypes:
+        for batch in args.batch:
+            rate = time_inference(policy, batch, args.seconds, bf16=dtype == "bf16")
+            result["inference"][f"{dtype}_b{batch}"] = round(rate, 1)
+            print(f"act  {dtype}  batch {batch:3d}: {rate:7.1f} inferences/s  ({rate / batch:6.2f} calls/s)")
+    for dtype in dtypes:
+        seconds = time_training(policy, args.train_batch, args.train_steps, bf16=dtype == "bf16")
+        result[f"train_step_s_{dtype}"] = round(seconds, 3)
+        result[f"train_samples_per_s_{dtype}"] = round(args.train_batch / seconds, 1)
+        print(f"train {dtype} batch {args.train_batch}: {seconds:.3f} s/step  "
+              f"({args.train_batch / seconds:.1f} samples/s)")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
