@@ -86,6 +86,8 @@ class Args:
     """tabletop2d only: mean simulated cost per env step, heavy-tailed (mimics LIBERO step times)."""
     step_cost_kind: Literal["sleep", "spin"] = "sleep"
     """tabletop2d only: the simulated cost sleeps or burns CPU."""
+    env_options: str = "{}"
+    """More keyword options of the env family as JSON, e.g. '{"layout": "free"}' (see envs/)."""
     init_states: Literal["sampled", "fixed"] = "sampled"
     """LIBERO training episodes start from freshly sampled placements (default) or the suite's fixed
     initial states (which evaluation always uses: training on them leaks the test set)."""
@@ -197,8 +199,19 @@ def derive_and_check(args: Args) -> Args:
         problems.append("--max-batch must be >= 1 and --batch-timeout-ms >= 0")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         problems.append(f"--device {args.device} but torch sees no CUDA device (use --device cpu)")
+    try:
+        options = json.loads(args.env_options)
+        if not isinstance(options, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as exc:
+        problems.append(f"--env-options {args.env_options!r} is not a JSON object ({exc}); "
+                        """example: --env-options '{"layout": "free"}'""")
     if problems:
         raise SystemExit("accerl: bad arguments:\n  " + "\n  ".join(problems))
+    try:  # builds no simulator: checks the task name and the env options before anything is spawned
+        env_spec(args.task, image_size=args.policy.image_size, wrist_camera=args.wrist_camera, **env_options(args))
+    except (TypeError, ValueError) as exc:
+        raise SystemExit(f"accerl: bad env options for --task {args.task}: {exc}")
     args.num_envs = args.num_env_workers * args.envs_per_worker
     if args.mode == "sync":
         # lockstep: every env contributes one segment per update, collected with one policy version
@@ -217,9 +230,10 @@ def resolve_devices(args: Args) -> tuple[str, str]:
 
 def env_options(args: Args) -> dict:
     family, _ = parse_task(args.task)
+    extra = json.loads(args.env_options)
     if family == "tabletop2d":
-        return {"step_cost_ms": args.step_cost_ms, "step_cost_kind": args.step_cost_kind}
-    return {"init_states": args.init_states}
+        return {"step_cost_ms": args.step_cost_ms, "step_cost_kind": args.step_cost_kind, **extra}
+    return {"init_states": args.init_states, **extra}
 
 
 def derive_seed(seed: int, *path: int) -> int:
@@ -460,16 +474,21 @@ class EvalWorker:
         self.name = f"eval_worker_{rank}"
         tokenizer = InstructionTokenizer()
         self.instructions = tokenizer.encode(list(spec.instructions), args.policy.max_instruction_tokens)
-        options = env_options(args)
-        if "init_states" in options:
-            options["init_states"] = "fixed"  # evaluation always uses the suite's fixed initial states
-        self.env = make_env(parse_task(args.task)[0], image_size=args.policy.image_size,
-                            wrist_camera=args.wrist_camera, seed=derive_seed(args.seed, 2, rank), **options)
+        self.restarts = 0
+        self.env = self._build_env(0)
         self.getter = TimedGet(self.name, args.wait_timeout_s)
         self.job = None
         self.video_dir, self.video_frames = video_dir, video_frames
         self.recorded: set[tuple[int, int]] = set()
         self.frames: list[np.ndarray] = []
+
+    def _build_env(self, restart: int):
+        options = env_options(self.args)
+        if "init_states" in options:
+            options["init_states"] = "fixed"  # evaluation always uses the suite's fixed initial states
+        return make_env(parse_task(self.args.task)[0], image_size=self.args.policy.image_size,
+                        wrist_camera=self.args.wrist_camera, seed=derive_seed(self.args.seed, 2, self.rank, restart),
+                        **options)
 
     def step(self) -> None:
         if self.job is None:
@@ -480,7 +499,11 @@ class EvalWorker:
             self.job = job
             round_id, task_id, episode_seed = job
             self.task_id, self.ret, self.env_steps = task_id, 0.0, 0
-            obs = self.env.reset(task_id=task_id, seed=episode_seed)
+            try:
+                obs = self.env.reset(task_id=task_id, seed=episode_seed)
+            except Exception:
+                self._restart_env(traceback.format_exc())
+                return
             # record the first episode of each task in each round (frames go to a file, never a queue)
             record = self.video_dir is not None and (round_id, task_id) not in self.recorded
             self.frames = [obs["image"]] if record else []
@@ -492,7 +515,11 @@ class EvalWorker:
         if msg is None:
             return
         storage = self.shared.storage
-        obs, reward, terminated, truncated, info = self.env.step_chunk(storage.actions[self.segment, 0].numpy())
+        try:
+            obs, reward, terminated, truncated, info = self.env.step_chunk(storage.actions[self.segment, 0].numpy())
+        except Exception:
+            self._restart_env(traceback.format_exc())
+            return
         self.ret += reward
         self.env_steps += info["env_steps"]
         if self.frames and len(self.frames) < self.video_frames:
@@ -512,6 +539,20 @@ class EvalWorker:
             self.job = None
             return
         self._observe(obs)
+
+    def _restart_env(self, tb: str) -> None:
+        """A simulator exception: rebuild the env and run the same job again from its start."""
+        self.restarts += 1
+        log(self.name, f"env raised; rebuilding it and repeating job {self.job}:\n{tb}")
+        if self.restarts > 100:
+            raise RuntimeError(f"{self.name}: the env raised {self.restarts} times; giving up")
+        try:
+            self.env.close()
+        except Exception:
+            pass
+        self.env = self._build_env(self.restarts)
+        self.chan.eval_jobs.put(self.job)
+        self.job, self.frames = None, []
 
     def _observe(self, obs: dict) -> None:
         self.shared.storage.write_observation(self.segment, 0, obs, self.spec.cameras,
@@ -942,11 +983,23 @@ def _jsonable(obj):
     return json.loads(json.dumps(obj, default=str))
 
 
+def _die_with_parent() -> None:
+    """Linux: ask the kernel to kill this child if the main process dies (even by SIGKILL)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def run_role(name: str, build, stop_event, stats, heartbeats: Heartbeats) -> None:
     """Process entry: build the role, step it until its stop event, report any exception with its
     traceback (the main process then stops the run). Only the main process handles Ctrl-C."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _die_with_parent()
+    parent = os.getppid()
     torch.set_num_threads(1)  # leave the other cores to the simulators (platform.md)
     role = None
     try:
@@ -954,6 +1007,8 @@ def run_role(name: str, build, stop_event, stats, heartbeats: Heartbeats) -> Non
         while not stop_event.is_set():
             role.step()
             heartbeats.beat(name)
+            if os.getppid() != parent:  # the main process was killed: nobody will ever stop us
+                return
         role.close()
     except _Stopping:
         if role is not None:
@@ -972,7 +1027,8 @@ class Run:
 
     def __init__(self, args: Args):
         self.args = args
-        self.spec = env_spec(args.task, image_size=args.policy.image_size, wrist_camera=args.wrist_camera)
+        self.spec = env_spec(args.task, image_size=args.policy.image_size, wrist_camera=args.wrist_camera,
+                             **env_options(args))
         self.learner_device, self.inference_device = resolve_devices(args)
         self.resume_from = None
         if args.resume:

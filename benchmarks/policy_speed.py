@@ -4,8 +4,11 @@
 
 Prints the parameter count, inferences/s (= observations/s: batch x forward calls per second) for every
 batch size in float32 and under bf16 autocast, the time of one training step, and a final JSON line with
-everything (for scripts and for platform.md). Random weights and random inputs: speed does not depend on
-them, except for denormals, which the policy flushes.
+everything (for scripts and for platform.md). Every number comes per wall-clock second and per CPU-second
+of this process: on a shared machine the wall-clock rate drops with other load, the CPU-time one does not
+(compare the two to see contention; with --threads 2 CPU time also counts the threads' spinning).
+Random weights and full-length random instructions (no pad columns to trim: the worst case); speed does
+not depend on the values, except for denormals, which the policy flushes.
 """
 
 from __future__ import annotations
@@ -52,20 +55,22 @@ def random_inputs(cfg: PolicyConfig, batch: int, generator: torch.Generator):
     return images, tokens
 
 
-def time_inference(policy: VLAPolicy, batch: int, seconds: float, bf16: bool) -> float:
-    """Observations per second through `act` (sampling included)."""
+def time_inference(policy: VLAPolicy, batch: int, seconds: float, bf16: bool) -> tuple[float, float]:
+    """Observations per second through `act` (sampling included): per wall-clock second, and per second of
+    this process's CPU time (the intrinsic speed when other processes share the cores; with one thread)."""
     images, tokens = random_inputs(policy.cfg, batch, torch.Generator().manual_seed(batch))
     with policy_autocast("cpu", cpu_bf16=bf16):
         policy.act(images, tokens)  # warm-up: allocator, oneDNN primitive caches
-        calls, start = 0, time.perf_counter()
+        calls, start, cpu_start = 0, time.perf_counter(), time.process_time()
         while time.perf_counter() - start < seconds:
             policy.act(images, tokens)
             calls += 1
-    return calls * batch / (time.perf_counter() - start)
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    return calls * batch / wall, calls * batch / cpu
 
 
-def time_training(policy: VLAPolicy, batch: int, steps: int, bf16: bool) -> float:
-    """Seconds per learner step: evaluate + a policy-gradient + value + KL loss, backward, AdamW step."""
+def time_training(policy: VLAPolicy, batch: int, steps: int, bf16: bool) -> tuple[float, float]:
+    """Seconds per learner step (wall, CPU): evaluate + a policy-gradient + value + KL loss, backward, AdamW."""
     cfg = policy.cfg
     images, tokens = random_inputs(cfg, batch, torch.Generator().manual_seed(0))
     actions = torch.randint(0, cfg.num_bins, (batch, cfg.chunk_len, cfg.action_dim))
@@ -74,9 +79,9 @@ def time_training(policy: VLAPolicy, batch: int, steps: int, bf16: bool) -> floa
     optimiser = torch.optim.AdamW([{"params": policy.policy_parameters(), "lr": 1e-4},
                                    {"params": policy.value_parameters(), "lr": 1e-4}])
     policy.train()
-    durations = []
+    durations, cpu_durations = [], []
     for step in range(steps + 1):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         with policy_autocast("cpu", cpu_bf16=bf16):
             out = policy.evaluate(images, tokens, actions)
         ratio = (out["logp"] - out["logp"].detach()).exp()
@@ -88,8 +93,9 @@ def time_training(policy: VLAPolicy, batch: int, steps: int, bf16: bool) -> floa
         optimiser.step()
         if step:  # the first step allocates AdamW state
             durations.append(time.perf_counter() - start)
+            cpu_durations.append(time.process_time() - cpu_start)
     policy.eval()
-    return sum(durations) / len(durations)
+    return sum(durations) / len(durations), sum(cpu_durations) / len(cpu_durations)
 
 
 def main(args: Args) -> None:
@@ -104,15 +110,18 @@ def main(args: Args) -> None:
     dtypes = ["fp32", "bf16"] if args.bf16 else ["fp32"]
     for dtype in dtypes:
         for batch in args.batch:
-            rate = time_inference(policy, batch, args.seconds, bf16=dtype == "bf16")
+            rate, cpu_rate = time_inference(policy, batch, args.seconds, bf16=dtype == "bf16")
             result["inference"][f"{dtype}_b{batch}"] = round(rate, 1)
-            print(f"act  {dtype}  batch {batch:3d}: {rate:7.1f} inferences/s  ({rate / batch:6.2f} calls/s)")
+            result["inference"][f"{dtype}_b{batch}_per_cpu_s"] = round(cpu_rate, 1)
+            print(f"act  {dtype}  batch {batch:3d}: {rate:7.1f} inferences/s  ({rate / batch:6.2f} calls/s, "
+                  f"{cpu_rate:7.1f} per CPU-second)")
     for dtype in dtypes:
-        seconds = time_training(policy, args.train_batch, args.train_steps, bf16=dtype == "bf16")
+        seconds, cpu_seconds = time_training(policy, args.train_batch, args.train_steps, bf16=dtype == "bf16")
         result[f"train_step_s_{dtype}"] = round(seconds, 3)
+        result[f"train_step_cpu_s_{dtype}"] = round(cpu_seconds, 3)
         result[f"train_samples_per_s_{dtype}"] = round(args.train_batch / seconds, 1)
         print(f"train {dtype} batch {args.train_batch}: {seconds:.3f} s/step  "
-              f"({args.train_batch / seconds:.1f} samples/s)")
+              f"({args.train_batch / seconds:.1f} samples/s, {cpu_seconds:.3f} CPU-s/step)")
     print(json.dumps(result))
 
 

@@ -297,7 +297,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
     they load without torch (importing torch costs an env process ~0.45 GB); only numpy types load."""
 
     def find_class(self, module, name):
-        if module.split(".")[0] == "numpy" or (module, name) == ("builtins", "slice"):
+        if module.split(".")[0] == "numpy" or (module, name) in (("builtins", "slice"), ("_codecs", "encode")):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"unexpected {module}.{name} in a LIBERO init-state file")
 

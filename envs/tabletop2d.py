@@ -70,6 +70,11 @@ class Tabletop2DOptions:
     LIBERO's long-tailed step times; 0 disables it."""
     step_cost_kind: str = "sleep"
     """"sleep" (time.sleep, frees the core) or "spin" (busy wait, burns the core like a simulator)."""
+    fail_every_steps: int = 0
+    """Fault injection for tests of the pipeline's recovery: raise RuntimeError at every N-th step of an
+    env instance, as simulators sometimes do (0: never)."""
+    fail_on_build: bool = False
+    """Fault injection: raise in the constructor (an env that cannot be built stops the run)."""
 
     def __post_init__(self):
         if self.layout not in ("slots", "free"):
@@ -137,6 +142,8 @@ class Tabletop2D(TaskEnv):
     def __init__(self, image_size: int = 128, seed: int = 0, wrist_camera: bool = False,
                  only_task: int | None = None, **options):
         self.opts = Tabletop2DOptions.parse(options)
+        if self.opts.fail_on_build:
+            raise RuntimeError("tabletop2d: fail_on_build=True (fault injection)")
         self.spec = tabletop2d_spec(image_size, wrist_camera, **options)
         if image_size < 16:
             raise ValueError(f"tabletop2d image_size={image_size} is too small (>= 16)")
@@ -249,6 +256,9 @@ class Tabletop2D(TaskEnv):
             raise RuntimeError("tabletop2d: the episode is over (or never started); call reset() first")
         if action.shape != (7,):
             raise ValueError(f"tabletop2d expects 7-D actions, got shape {action.shape}")
+        self._steps_since_build = getattr(self, "_steps_since_build", 0) + 1
+        if self.opts.fail_every_steps and self._steps_since_build % self.opts.fail_every_steps == 0:
+            raise RuntimeError(f"tabletop2d: injected failure at step {self._steps_since_build} (fail_every_steps)")
         move = np.clip(action[:2], -1.0, 1.0) * self.opts.max_delta
         self.ee_xy = np.clip(self.ee_xy + move, -1.0, 1.0)
         self.gripper_closed = bool(action[6] > 0)

@@ -1,0 +1,144 @@
+"""The maths of the learner against direct reference implementations (float64, plain loops)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from accerl import Args, compute_gae, gipo_trust_weight, lr_lambda, policy_objective
+
+
+def reference_gae(rewards, values, bootstrap, terminated, truncated, trunc_values, gamma, lam):
+    """Textbook GAE, one env at a time, written as a plain loop over Python floats."""
+    N, T = len(rewards), len(rewards[0])
+    adv = np.zeros((N, T))
+    for n in range(N):
+        running = 0.0
+        for t in reversed(range(T)):
+            if terminated[n][t]:
+                next_v = 0.0
+            elif truncated[n][t]:
+                next_v = trunc_values[n][t]
+            elif t == T - 1:
+                next_v = bootstrap[n]
+            else:
+                next_v = values[n][t + 1]
+            delta = rewards[n][t] + gamma * next_v - values[n][t]
+            episode_continues = not (terminated[n][t] or truncated[n][t])
+            running = delta + gamma * lam * (running if episode_continues else 0.0)
+            adv[n, t] = running
+    return adv
+
+
+def test_gae_matches_reference_loop_with_terminations_and_truncations_inside_segments():
+    g = torch.Generator().manual_seed(0)
+    N, T = 5, 16
+    rewards = torch.rand(N, T, generator=g)
+    values = torch.randn(N, T, generator=g)
+    bootstrap = torch.randn(N, generator=g)
+    trunc_values = torch.randn(N, T, generator=g)
+    terminated = torch.zeros(N, T, dtype=torch.bool)
+    truncated = torch.zeros(N, T, dtype=torch.bool)
+    terminated[0, 3] = terminated[1, 15] = terminated[2, 7] = True  # mid-segment and last step
+    truncated[0, 10] = truncated[2, 0] = truncated[3, 15] = truncated[4, 5] = True
+    terminated[4, 6] = True  # a one-step episode right after a truncation
+    adv, ret = compute_gae(rewards, values, bootstrap, terminated, truncated, trunc_values, 0.97, 0.9)
+    ref = reference_gae(rewards.double().tolist(), values.double().tolist(), bootstrap.double().tolist(),
+                        terminated.tolist(), truncated.tolist(), trunc_values.double().tolist(), 0.97, 0.9)
+    np.testing.assert_allclose(adv.numpy(), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ret.numpy(), ref + values.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_gae_does_not_leak_across_episode_boundaries():
+    # a huge reward after a reset must not change the advantage of the steps before the reset
+    T = 6
+    values = torch.zeros(1, T)
+    rewards = torch.zeros(1, T)
+    rewards[0, 4] = 1000.0
+    for flag in ("terminated", "truncated"):
+        term = torch.zeros(1, T, dtype=torch.bool)
+        trunc = torch.zeros(1, T, dtype=torch.bool)
+        (term if flag == "terminated" else trunc)[0, 2] = True
+        adv, _ = compute_gae(rewards, values, torch.zeros(1), term, trunc, torch.zeros(1, T), 0.99, 0.95)
+        assert torch.all(adv[0, :3] == 0), flag
+        assert adv[0, 3] > 0
+
+
+def _reference_gipo(logp, old_logp, adv, sigma):
+    """-mean(w * rho * A) with w = exp(-(ln rho)^2 / (2 sigma^2)) on the detached ratio, in float64."""
+    logp = logp.detach().double().requires_grad_(True)
+    rho = torch.exp(logp - old_logp.double())
+    ln_rho_sg = torch.log(torch.clamp(rho.detach(), min=1e-9))
+    w = torch.exp(-(ln_rho_sg ** 2) / (2 * sigma ** 2))
+    loss = -(w * rho * adv.double()).mean()
+    loss.backward()
+    return loss.item(), logp.grad
+
+
+@pytest.mark.parametrize("sigma", [0.2, 0.5, 1.0, 2.0])
+def test_gipo_loss_and_gradient_equal_float64_formula(sigma):
+    g = torch.Generator().manual_seed(1)
+    B, K = 32, 56
+    old_logp = -torch.rand(B, K, generator=g) * 6
+    logp = (old_logp + torch.randn(B, K, generator=g) * 0.8).requires_grad_(True)
+    adv = torch.randn(B, 1, generator=g).expand(B, K)  # a chunk's advantage shared by its tokens
+    args = Args(gipo_sigma=sigma)
+    per_token, diag = policy_objective("gipo", logp, old_logp, adv, args)
+    loss = per_token.mean()
+    loss.backward()
+    ref_loss, ref_grad = _reference_gipo(logp, old_logp, adv, sigma)
+    assert loss.item() == pytest.approx(ref_loss, rel=1e-5, abs=1e-7)
+    torch.testing.assert_close(logp.grad.double(), ref_grad, rtol=1e-4, atol=1e-8)
+    # gradient = w * rho * A * grad log pi / (B K): check it element-wise against the closed form
+    rho = torch.exp(logp.detach().double() - old_logp.double())
+    w = torch.exp(-torch.log(rho) ** 2 / (2 * sigma ** 2))
+    torch.testing.assert_close(logp.grad.double(), -(w * rho * adv.double()) / (B * K), rtol=1e-4, atol=1e-10)
+    torch.testing.assert_close(diag["w"].double(), w, rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("sigma", [0.2, 0.5, 1.0, 2.0])
+def test_gipo_effective_weight_never_exceeds_its_bound(sigma):
+    # u = w * rho peaks at rho = exp(sigma^2) with value exp(sigma^2 / 2): GIPO's implicit trust region
+    log_ratio = torch.linspace(-30, 30, 200_001, dtype=torch.float64)
+    ratio = torch.exp(log_ratio)
+    u = gipo_trust_weight(ratio, sigma) * ratio
+    bound = math.exp(sigma ** 2 / 2)
+    assert u.max().item() <= bound * (1 + 1e-12)
+    assert u.max().item() == pytest.approx(bound, rel=1e-6)
+    assert log_ratio[u.argmax()].item() == pytest.approx(sigma ** 2, abs=1e-3)
+
+
+def test_trust_weight_clamps_tiny_ratios():
+    w = gipo_trust_weight(torch.tensor([0.0, 1e-30, 1.0]), 0.5)
+    assert torch.isfinite(w).all() and w[2] == 1.0 and w[0] == w[1]
+
+
+def test_ppo_clip_sapo_and_no_clip_match_their_formulas():
+    g = torch.Generator().manual_seed(2)
+    old = -torch.rand(64, 7, generator=g) * 5
+    new = old + torch.randn(64, 7, generator=g) * 0.5
+    adv = torch.randn(64, 1, generator=g).expand(64, 7)
+    rho = torch.exp(new - old)
+    args = Args(clip_eps=0.2, sapo_tau_pos=1.0, sapo_tau_neg=2.0)
+    ppo, _ = policy_objective("ppo-clip", new, old, adv, args)
+    torch.testing.assert_close(ppo, -torch.minimum(rho * adv, rho.clamp(0.8, 1.2) * adv))
+    noclip, _ = policy_objective("no-clip", new, old, adv, args)
+    torch.testing.assert_close(noclip, -rho * adv)
+    sapo, _ = policy_objective("sapo", new, old, adv, args)
+    tau = torch.where(adv > 0, 1.0, 2.0)
+    torch.testing.assert_close(sapo, -(4 / tau) * torch.sigmoid(tau * (rho - 1)) * adv)
+    # at rho = 1 every objective has the plain policy-gradient slope A * grad log pi
+    for kind in ("gipo", "ppo-clip", "sapo", "no-clip"):
+        logp = old.clone().requires_grad_(True)
+        policy_objective(kind, logp, old, adv, args)[0].sum().backward()
+        torch.testing.assert_close(logp.grad, -adv, msg=kind)
+
+
+def test_learning_rate_schedule_warms_up_then_decays_to_floor():
+    args = Args(warmup_updates=10, lr_decay_updates=100, min_lr_ratio=0.1)
+    f = lr_lambda(args)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.55)
+    assert f(110) == pytest.approx(0.1) and f(10_000) == pytest.approx(0.1)

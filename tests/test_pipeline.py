@@ -1,0 +1,204 @@
+"""Plumbing of the pipeline in serial mode (the same role objects as the processes, one process):
+storage and queues, weight publication, checkpoints and resume, env restarts."""
+
+import json
+import pickle
+import queue
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import checkpoint as ckpt
+from accerl import Args, Learner, Run, derive_and_check
+from pipeline import WeightBroadcast
+from vla_policy import PolicyConfig
+
+TINY_POLICY = dict(image_size=32, patch_size=8, vision_hidden=32, vision_layers=1, vision_heads=1, vision_mlp=64,
+                   hidden=32, decoder_layers=1, decoder_heads=1, decoder_mlp=64, value_hidden=32)
+
+
+def tiny_args(tmp_path: Path, **overrides) -> Args:
+    base = dict(mode="serial", total_env_steps=400, num_env_workers=1, envs_per_worker=2, segment_len=8,
+                segments_per_update=2, eval_every_updates=3, eval_episodes=4, final_eval_episodes=4,
+                run_dir=str(tmp_path / "run"), log_every_s=1e9, policy=PolicyConfig(**TINY_POLICY),
+                checkpoint_every_updates=0)
+    base.update(overrides)
+    return derive_and_check(Args(**base))
+
+
+class RecordingQueue(queue.Queue):
+    """A queue.Queue that keeps a copy of everything put through it."""
+
+    def __init__(self, inner: queue.Queue):
+        super().__init__(maxsize=inner.maxsize)
+        self.items = []
+
+    def put(self, item, block=True, timeout=None):
+        self.items.append(item)
+        super().put(item, block, timeout)
+
+
+def _contains_array(obj) -> bool:
+    if isinstance(obj, (np.ndarray, torch.Tensor, bytes, bytearray)):
+        return True
+    if isinstance(obj, dict):
+        return any(_contains_array(v) for v in obj.values())
+    if isinstance(obj, (list, tuple, set)):
+        return any(_contains_array(v) for v in obj)
+    return False
+
+
+def run_serial(args: Args, wrap_queues: bool = False) -> tuple[Run, int, dict]:
+    run = Run(args)
+    run.build(serial=True)
+    recorded = {}
+    if wrap_queues:
+        chan = run.chan
+        for name in ("requests", "free_segments", "full_segments", "eval_jobs", "stats"):
+            q = RecordingQueue(getattr(chan, name))
+            while not getattr(chan, name).empty():  # free_segments is pre-filled
+                q.put(getattr(chan, name).get())
+            q.items.clear()
+            setattr(chan, name, q)
+            recorded[name] = q.items
+        chan.actions = [RecordingQueue(q) for q in chan.actions]
+        recorded["actions"] = [q.items for q in chan.actions]
+    run.start()
+    code = run._run_serial(run.role_builders(serial=True))
+    return run, code, recorded
+
+
+def test_queues_carry_indices_only_never_image_bytes(tmp_path):
+    run, code, recorded = run_serial(tiny_args(tmp_path), wrap_queues=True)
+    assert code == 0
+    data_queues = {k: v for k, v in recorded.items() if k != "stats"}
+    data_queues["actions"] = [item for items in recorded["actions"] for item in items]
+    assert all(len(items) > 0 for items in data_queues.values()), {k: len(v) for k, v in data_queues.items()}
+    for name, items in data_queues.items():
+        for item in items:
+            assert not _contains_array(item), (name, item)
+            assert len(pickle.dumps(item)) < 200, (name, item)
+    # statistics are small too: videos go to files, the message only carries the path
+    for item in recorded["stats"]:
+        assert not _contains_array(item), item
+        assert len(pickle.dumps(item)) < 4096
+
+
+def test_serial_run_counts_consistently_and_writes_summary(tmp_path):
+    run, code, _ = run_serial(tiny_args(tmp_path))
+    summary = json.loads((Path(run.run_dir) / "summary.json").read_text())
+    assert code == 0 and summary["exit_code"] == 0
+    assert summary["global_env_step"] >= 400
+    # every update consumed segments_per_update x segment_len chunk steps; at most a few are in flight
+    assert summary["updates"] >= 1
+    assert summary["chunk_step"] >= summary["updates"] * 2 * 8
+    assert summary["final_eval"]["episodes"] == 4
+    assert 0.0 <= summary["final_eval_success"] <= 1.0
+    for key in ("torch", "transformers", "python"):
+        assert key in summary["versions"]
+    assert (Path(run.run_dir) / "eval_results.md").is_file()
+    assert list(Path(run.run_dir).glob("events.out.tfevents*"))
+
+
+def test_env_that_raises_is_rebuilt_and_the_run_goes_on(tmp_path):
+    # every env instance (training and evaluation) raises at its 150th step: about every third episode
+    args = tiny_args(tmp_path, env_options='{"fail_every_steps": 150}', total_env_steps=700)
+    run, code, _ = run_serial(args)
+    summary = json.loads((Path(run.run_dir) / "summary.json").read_text())
+    assert code == 0
+    assert summary["env_restarts"] >= 3
+    assert summary["global_env_step"] >= 700
+    assert summary["final_eval"]["episodes"] == 4  # evaluation repeats a job whose env raised
+
+
+def test_dropped_episode_rows_are_masked_and_cut_from_gae(tmp_path):
+    args = tiny_args(tmp_path, env_options='{"fail_every_steps": 37}', total_env_steps=150,
+                     eval_every_updates=0, final_eval_episodes=0)
+    run, code, _ = run_serial(args)
+    st = run.shared.storage
+    invalid = ~st.valid[:, :args.segment_len]
+    assert invalid.any(), "the injected failures should have invalidated some rows"
+    # the last dropped row of each dropped episode ends it (truncated with zero bootstrap value)
+    for seg in range(st.valid.shape[0]):
+        rows = torch.nonzero(invalid[seg]).flatten().tolist()
+        ends = [r for r in rows if r + 1 not in rows and r + 1 < args.segment_len]
+        for r in ends:
+            assert st.truncated[seg, r] and st.trunc_value[seg, r] == 0
+
+
+def test_resume_restores_counters_weights_optimizer_and_continues(tmp_path):
+    args = tiny_args(tmp_path)
+    run, code, _ = run_serial(args)
+    assert code == 0
+    first = ckpt.resolve_checkpoint(run.run_dir)
+    model, opt, _, meta = ckpt.load_checkpoint(first)
+    assert meta["counters"]["global_env_step"] >= 400
+
+    # a learner built with resume_from holds exactly the saved weights and optimiser state
+    args2 = tiny_args(tmp_path, resume=str(run.run_dir), total_env_steps=800)
+    run2 = Run(args2)
+    run2.build(serial=True)
+    learner = Learner(args2, run2.shared, run2.chan, 0.0, "cpu", run2.run_dir, run2.resume_from)
+    for name, tensor in learner.policy.state_dict().items():
+        torch.testing.assert_close(tensor, model[name], rtol=0, atol=0, msg=name)
+    state = learner.optimizer.state_dict()
+    restored_tensors, _ = ckpt.optimizer_to_tensors(state)
+    assert restored_tensors.keys() == opt.keys()
+    for key in opt:
+        torch.testing.assert_close(restored_tensors[key], opt[key], rtol=0, atol=0, msg=key)
+    assert learner.update == meta["update"]
+    assert learner.scheduler.last_epoch == meta["scheduler"]["last_epoch"]
+    assert run2.shared.counters.total("global_env_step") == meta["counters"]["global_env_step"]
+
+    # the resumed run continues the same run directory and counters
+    run3, code, _ = run_serial(tiny_args(tmp_path, resume=str(run.run_dir), total_env_steps=800))
+    assert code == 0 and run3.run_dir == run.run_dir
+    summary = json.loads((Path(run.run_dir) / "summary.json").read_text())
+    assert summary["global_env_step"] >= 800
+    assert summary["updates"] > meta["update"]
+
+
+def test_half_written_checkpoint_is_never_picked(tmp_path):
+    root = tmp_path / "run"
+    model = {"w": torch.arange(4.0)}
+    ckpt.save_checkpoint(root, 3, model, {}, {"args": {}, "counters": {}})
+    # a crash while writing update 7: its temporary directory exists, half full, and latest.json
+    # still names update 3; a directory without meta.json is not a checkpoint either
+    tmp = root / "checkpoints" / ".tmp_update_0000007_999"
+    tmp.mkdir()
+    (tmp / "model.safetensors").write_bytes(b"\x00" * 10)
+    (root / "checkpoints" / "update_0000009").mkdir()
+    chosen = ckpt.resolve_checkpoint(root)
+    assert chosen.name == "update_0000003"
+    loaded, _, _, meta = ckpt.load_checkpoint(root)
+    torch.testing.assert_close(loaded["w"], model["w"])
+    assert meta["complete"] and meta["update"] == 3
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        ckpt.resolve_checkpoint(tmp_path / "nothing_here")
+
+
+def test_weight_broadcast_never_applies_a_torn_copy():
+    src = {"a": torch.zeros(3), "b": torch.zeros(2)}
+    wb = WeightBroadcast(src, share=False)
+    dst = {"a": torch.full((3,), -1.0), "b": torch.full((2,), -1.0)}
+    wb.publish({"a": torch.ones(3), "b": torch.ones(2)}, version=1)
+    assert wb.read_into(dst) == 1 and torch.all(dst["a"] == 1)
+    wb.publish({"a": torch.full((3,), 2.0)}, version=2)  # a subset (only trainable tensors)
+    assert wb.read_into(dst) == 2 and torch.all(dst["a"] == 2) and torch.all(dst["b"] == 1)
+    wb.seq += 1  # the learner is half-way through a publication
+    assert wb.read_into(dst) is None
+    with pytest.raises(KeyError):
+        wb.publish({"unknown": torch.zeros(1)}, version=3)
+
+
+def test_bad_arguments_fail_before_anything_starts(tmp_path):
+    with pytest.raises(SystemExit, match="unknown --task"):
+        derive_and_check(Args(task="tabletop3d"))
+    with pytest.raises(SystemExit, match="--eval-only needs --checkpoint"):
+        derive_and_check(Args(eval_only=True))
+    with pytest.raises(SystemExit, match="max_dleta"):
+        derive_and_check(Args(env_options='{"max_dleta": 1}'))
+    with pytest.raises(SystemExit, match="not a JSON object"):
+        derive_and_check(Args(env_options="layout=free"))
