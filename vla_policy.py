@@ -47,6 +47,7 @@ from transformers import LlamaConfig, LlamaModel, SiglipVisionConfig, SiglipVisi
 Layout = Literal["per_step", "per_dim"]
 ValuePooling = Literal["actions", "prompt"]
 PrefixAttention = Literal["causal", "bidirectional"]
+ActionHead = Literal["smooth", "linear"]
 
 
 @dataclass
@@ -100,6 +101,13 @@ class PolicyConfig:
     "bidirectional" (prefix-LM). Action slots always see the whole prefix and each other."""
 
     # heads
+    action_head: ActionHead = "smooth"
+    """How a slot's hidden state becomes 256 bin logits per dimension. "linear": one independent row per
+    bin (the LM head of OpenVLA). "smooth": a low-rank map onto a fixed basis of Gaussian bumps over the
+    bin centres, so raising one bin also raises its neighbours: the bins keep their order, which RL from
+    random init needs (a linear head learns each of the 256 bins on its own). Logits keep the same shape."""
+    smooth_basis: int = 24
+    """Number of Gaussian bumps of the "smooth" head (evenly spaced over [-1, 1], width = spacing)."""
     action_head_init_scale: float = 0.01
     """Std of the initial logits (weights ~ N(0, (scale / sqrt(hidden))^2), zero bias): the initial policy is
     close to uniform over bins, which keeps early RL exploration broad."""
@@ -113,7 +121,7 @@ class PolicyConfig:
 
     def __post_init__(self) -> None:
         for name, choices in (("layout", Layout), ("value_pooling", ValuePooling),
-                              ("prefix_attention", PrefixAttention)):
+                              ("prefix_attention", PrefixAttention), ("action_head", ActionHead)):
             if getattr(self, name) not in get_args(choices):
                 raise ValueError(f"{name}={getattr(self, name)!r}: use one of {get_args(choices)}")
         if self.image_size % self.patch_size:
@@ -345,8 +353,15 @@ class VLAPolicy(nn.Module):
         self.action_slots = nn.Parameter(torch.randn(cfg.num_action_slots, cfg.hidden) * 0.02)
         # per_step: a factorised head, one slot -> action_dim x num_bins logits. per_dim: the LM head restricted
         # to the action tokens' rows (row k = vocabulary id first_action_id + k = bin k).
-        head_out = cfg.action_dim * cfg.num_bins if cfg.layout == "per_step" else cfg.num_bins
+        per_dim_out = cfg.num_bins if cfg.action_head == "linear" else cfg.smooth_basis
+        head_out = cfg.action_dim * per_dim_out if cfg.layout == "per_step" else per_dim_out
         self.action_head = nn.Linear(cfg.hidden, head_out)
+        if cfg.action_head == "smooth":
+            # (bins, basis): bump k evaluated at the centre of bin b; a fixed buffer, saved with the weights
+            centres = tokens_to_actions(torch.arange(cfg.num_bins), cfg.num_bins)
+            means = torch.linspace(-1, 1, cfg.smooth_basis)
+            width = 2 / (cfg.smooth_basis - 1)
+            self.register_buffer("bin_basis", torch.exp(-0.5 * ((centres[:, None] - means[None]) / width) ** 2))
         nn.init.normal_(self.action_head.weight, std=cfg.action_head_init_scale / math.sqrt(cfg.hidden))
         nn.init.zeros_(self.action_head.bias)
         self.value_head = AttentionPoolValueHead(cfg.hidden, cfg.value_hidden)
@@ -425,6 +440,10 @@ class VLAPolicy(nn.Module):
         cfg = self.cfg
         slots, prefix, prefix_valid = self._trunk(images, instruction_tokens)
         logits = _linear_fp32(slots, self.action_head)
+        if cfg.action_head == "smooth":
+            coefficients = logits.reshape(slots.shape[0], cfg.chunk_len, cfg.action_dim, cfg.smooth_basis)
+            with torch.autocast(coefficients.device.type, enabled=False):
+                logits = coefficients @ self.bin_basis.float().T
         logits = logits.reshape(slots.shape[0], cfg.chunk_len, cfg.action_dim, cfg.num_bins)
         if cfg.value_pooling == "actions":
             critic_in, critic_valid = slots, None
@@ -446,12 +465,11 @@ class VLAPolicy(nn.Module):
         logits, value = self(images, instruction_tokens)
         log_probs = logits.log_softmax(-1)
         argmax = log_probs.argmax(-1)
-        if isinstance(greedy, bool) and greedy:
-            tokens = argmax
-        else:
-            tokens = _sample_categorical(log_probs, generator)
-            if isinstance(greedy, torch.Tensor):
-                tokens = torch.where(greedy.to(tokens.device).view(-1, 1, 1), argmax, tokens)
+        if isinstance(greedy, bool):
+            tokens = argmax if greedy else _sample_categorical(log_probs, generator)
+        else:  # per row (a tensor, array or list of B bools, or one 0-d flag)
+            greedy = torch.as_tensor(greedy, dtype=torch.bool, device=argmax.device).view(-1, 1, 1)
+            tokens = torch.where(greedy, argmax, _sample_categorical(log_probs, generator))
         return {
             "action_tokens": tokens,
             "actions": tokens_to_actions(tokens, self.cfg.num_bins),

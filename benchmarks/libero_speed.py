@@ -107,6 +107,15 @@ def compare(suite: str, task: int, size: int, path: str) -> dict:
 
     name = L._suite_task_names(suite)[task]
     state = L.load_init_states(suite, name)[0]
+    ours = {}
+    for cap in (0, L.LiberoOptions.max_texture_size):  # ours first: see envs.libero.set_mujoco_asset_cache
+        env = L.LiberoEnv(suite, image_size=size, seed=0, only_task=task, init_states="fixed",
+                          init_state_index=0, max_texture_size=cap)
+        env.reset()
+        env.sim.sim.set_state_from_flattened(state)
+        env.sim.sim.forward()
+        ours[cap] = env._observe()["image"]
+        env.close()
     stock = OffScreenRenderEnv(bddl_file_name=os.path.join(L.libero_root(), "bddl_files", suite, f"{name}.bddl"),
                                camera_heights=size, camera_widths=size)
     stock.seed(0)
@@ -115,16 +124,10 @@ def compare(suite: str, task: int, size: int, path: str) -> dict:
     stock_image = obs["agentview_image"][::-1, ::-1]  # OpenVLA's get_libero_image orientation
     stock.close()
     out = {}
-    for cap in (0, L.LiberoOptions.max_texture_size):
-        env = L.LiberoEnv(suite, image_size=size, seed=0, only_task=task, init_states="fixed",
-                          init_state_index=0, max_texture_size=cap)
-        env.reset()
-        env.sim.sim.set_state_from_flattened(state)
-        env.sim.sim.forward()
-        ours = env._observe()["image"]
-        env.close()
-        diff = np.abs(ours.astype(np.int16) - stock_image.astype(np.int16))
+    for cap, image in ours.items():
+        diff = np.abs(image.astype(np.int16) - stock_image.astype(np.int16))
         out[f"cap_{cap}"] = {"max_abs_diff": int(diff.max()), "mean_abs_diff": float(diff.mean())}
+    ours = ours[L.LiberoOptions.max_texture_size]
     Image.fromarray(np.concatenate([stock_image, np.full((size, 4, 3), 255, np.uint8), ours], axis=1)).save(path)
     out["png"] = path
     return out

@@ -359,9 +359,18 @@ def cap_textures(xml: str, max_size: int) -> str:
     return _TEXTURE_FILE.sub(lambda m: m.group(1) + capped_texture(m.group(2), max_size) + m.group(3), xml)
 
 
+_asset_cache_mb: int | None = None
+
+
 def set_mujoco_asset_cache(megabytes: int) -> bool:
-    """Size MuJoCo's process-wide asset cache (mj_setCacheSize; default 500 MB of decoded meshes and
-    textures). Returns False where this MuJoCo build has no such function."""
+    """Size MuJoCo's process-wide asset cache (mj_setCacheSize; MuJoCo's default keeps 500 MB of decoded
+    meshes and textures). Done once per process, by the first LiberoEnv: MuJoCo 3.3.2 shrinking an
+    already populated cache was seen to spin for minutes (build LiberoEnvs before compiling other models
+    in the same process). Returns False where it was not applied."""
+    global _asset_cache_mb
+    if _asset_cache_mb is not None:
+        return _asset_cache_mb == megabytes
+    _asset_cache_mb = megabytes
     import mujoco
 
     libs = glob.glob(os.path.join(os.path.dirname(mujoco.__file__), "libmujoco.so*"))

@@ -132,7 +132,7 @@ def test_greedy_is_argmax_and_mixes_per_row(policy):
 
 
 def test_sampling_follows_the_distribution():
-    policy = make_policy()
+    policy = make_policy(action_head="linear")
     with torch.no_grad():  # a peaked, known distribution: bin 3 for every token
         policy.action_head.bias.view(7, 256)[:, 3] = 4.0
     images, tokens = make_inputs(policy, batch=8)
@@ -302,3 +302,21 @@ def test_categorical_sampler_matches_probabilities():
     freq = torch.bincount(draws, minlength=4).float() / draws.numel()
     assert freq[1] == 0
     assert torch.allclose(freq, probs, atol=0.015), freq
+
+
+def test_smooth_head_keeps_bin_order_and_same_logit_shape():
+    """Raising one bin through the smooth head raises its neighbours more than far bins."""
+    policy = make_policy(action_head="smooth")
+    images, tokens = make_inputs(policy, batch=2)
+    logits, _ = policy(images, tokens)
+    assert logits.shape == (2, 8, 7, 256)
+    logp = logits.log_softmax(-1)[:, :, :, 100].sum()
+    logp.backward()
+    # one gradient step on the head's bias towards bin 100
+    with torch.no_grad():
+        policy.action_head.bias += 0.5 * policy.action_head.bias.grad
+    new = policy(images, tokens)[0].log_softmax(-1)[0, 0, 0]
+    old = logits.log_softmax(-1)[0, 0, 0].detach()
+    gain = new - old
+    assert gain[100] > 0 and gain[95] > 0 and gain[105] > 0
+    assert gain[100] > gain[200] and gain[100] > gain[0]

@@ -1,0 +1,126 @@
+"""Subprocess runs of the real entry script: async and sync smoke runs, Ctrl-C, a crashing child,
+and kill -9 followed by --resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import checkpoint as ckpt
+from pipeline import shm_entries
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--policy.image-size", "32", "--policy.patch-size", "8", "--policy.vision-hidden", "32",
+        "--policy.vision-layers", "1", "--policy.vision-heads", "1", "--policy.vision-mlp", "64",
+        "--policy.hidden", "32", "--policy.decoder-layers", "1", "--policy.decoder-heads", "1",
+        "--policy.decoder-mlp", "64", "--policy.value-hidden", "32"]
+
+
+def accerl(run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(ROOT / "accerl.py"), "--run-dir", str(run_dir), "--num-env-workers", "2",
+            "--envs-per-worker", "1", "--segment-len", "8", "--segments-per-update", "2", "--eval-episodes", "4",
+            "--final-eval-episodes", "4", "--eval-every-updates", "2", "--log-every-s", "2", *TINY, *extra]
+
+
+def children_of(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split()[2] != "Z"
+
+
+def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process exited early with {proc.returncode}")
+        time.sleep(0.2)
+    raise AssertionError("timed out")
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_entry_script_runs_learns_and_summarises(tmp_path, mode):
+    run_dir = tmp_path / mode
+    result = subprocess.run(accerl(run_dir, "--mode", mode, "--total-env-steps", "600"), cwd=ROOT,
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["mode"] == mode and summary["global_env_step"] >= 600 and summary["updates"] >= 1
+    assert summary["final_eval"]["episodes"] == 4
+    for role in ("[env_worker_0]", "[learner]", "[main]"):
+        assert role in result.stderr
+    if mode == "sync":  # lockstep: every update is made of segments collected with one policy version
+        assert "updates" in result.stderr
+
+
+def test_sigint_stops_every_process_within_10_s_and_frees_shared_memory(tmp_path):
+    before = shm_entries()
+    run_dir = tmp_path / "sigint"
+    proc = subprocess.Popen(accerl(run_dir, "--total-env-steps", "10000000"), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: len(children_of(proc.pid)) >= 5, 60, proc)
+        kids = children_of(proc.pid)
+        wait_for(lambda: (run_dir / "checkpoints").exists() or (run_dir / "args.json").exists(), 60, proc)
+        time.sleep(8)  # let it train a little
+        start = time.time()
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=15)
+        elapsed = time.time() - start
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = proc.stdout.read()
+    assert elapsed < 10, output[-2000:]
+    assert proc.returncode == 130, output[-2000:]
+    wait_for(lambda: not any(alive(k) for k in kids), 2)
+    assert not (shm_entries() - before), shm_entries() - before
+    assert ckpt.resolve_checkpoint(run_dir)  # the final checkpoint was written
+    assert json.loads((run_dir / "summary.json").read_text())["interrupted"] is True
+
+
+def test_crashing_child_stops_the_run_with_its_traceback(tmp_path):
+    result = subprocess.run(accerl(tmp_path / "crash", "--env-options", '{"fail_on_build": true}'), cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "env_worker_0 failed" in result.stderr or "env_worker_1 failed" in result.stderr
+    assert "fail_on_build=True (fault injection)" in result.stderr  # the child's own traceback
+
+
+def test_kill_9_then_resume_continues_counters_and_weights(tmp_path):
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen(accerl(run_dir, "--total-env-steps", "10000000", "--checkpoint-every-updates", "2"),
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: (run_dir / "checkpoints" / "latest.json").exists(), 120, proc)
+        kids = children_of(proc.pid)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    wait_for(lambda: not any(alive(k) for k in kids), 10)  # children die with their parent
+    saved = ckpt.resolve_checkpoint(run_dir)
+    _, _, _, meta = ckpt.load_checkpoint(saved)
+    steps_at_kill = meta["counters"]["global_env_step"]
+    result = subprocess.run(accerl(run_dir, "--resume", str(run_dir), "--total-env-steps", str(steps_at_kill + 300)),
+                            cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {saved}" in result.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["global_env_step"] >= steps_at_kill + 300
+    assert summary["updates"] > meta["update"]
