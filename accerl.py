@@ -226,7 +226,8 @@ def resolve_devices(args: Args) -> tuple[str, str]:
     if learner == "auto":
         learner = "cuda:0" if torch.cuda.is_available() else "cpu"
     inference = args.inference_device or learner
-    return learner, inference
+    # "cuda" means the first GPU: processes pin an explicit index
+    return tuple(d + ":0" if d == "cuda" else d for d in (learner, inference))
 
 
 def env_options(args: Args) -> dict:

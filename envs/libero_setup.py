@@ -111,11 +111,13 @@ def smoke() -> str:
     return f"smoke: libero_spatial/0 built, reset, stepped ({time.perf_counter() - start:.1f} s)"
 
 
-def check_init_states(suite: str, tasks: list[int] | None, tolerance_m: float, dump: str | None) -> bool:
+def check_init_states(suite: str, tasks: list[int] | None, tolerance_m: float, dump: str | None,
+                      max_tilt_deg: float = 10.0) -> bool:
     """Every fixed initial state: set it, run the 10 settle steps (LIBERO's states hold objects a few cm
     above their support: they drop ~7 cm and land), then 10 more no-op steps. A good state has every free
     object at rest by then (moves < tolerance in the extra steps), none fallen off the table (> 15 cm
-    below its start), finite, and the task not already solved. `dump` saves the settled positions
+    below its start) or tipped over while settling (> 10 degrees: mujoco >= 3.4 leaves libero_spatial
+    task 5's bowl tilted on the ramekin's rim), finite, and the task not already solved. `dump` saves the settled positions
     (npz), to compare MuJoCo versions state by state."""
     import mujoco
     import numpy as np
@@ -138,16 +140,25 @@ def check_init_states(suite: str, tasks: list[int] | None, tolerance_m: float, d
             def positions():
                 return np.stack([env.sim.data.qpos[a:a + 3] for a in addr]) if len(addr) else np.zeros((0, 3))
 
-            worst, bad, task_settled = 0.0, [], []
+            def up_axes():  # each object's body z axis in the world (rotation matrix column 2)
+                quats = [env.sim.data.qpos[a + 3:a + 7] for a in addr]
+                out = []
+                for q in quats:
+                    mat = np.zeros(9)
+                    mujoco.mju_quat2Mat(mat, q)
+                    out.append(mat.reshape(3, 3)[:, 2])
+                return np.array(out).reshape(-1, 3)
+
+            worst, worst_tilt, bad, task_settled = 0.0, 0.0, [], []
             for index, state in enumerate(states):
                 env.reset()
                 env.sim.set_state_from_flattened(state)
                 env.sim.forward()
                 env._post_process()
-                start_pos = positions()
+                start_pos, start_up = positions(), up_axes()
                 for _ in range(L.NUM_SETTLE_STEPS):
                     env.step(L.NOOP_ACTION)
-                settle_pos = positions()
+                settle_pos, settle_up = positions(), up_axes()
                 solved = bool(env._check_success())
                 for _ in range(L.NUM_SETTLE_STEPS):
                     env.step(L.NOOP_ACTION)
@@ -155,18 +166,24 @@ def check_init_states(suite: str, tasks: list[int] | None, tolerance_m: float, d
                 task_settled.append(settle_pos)
                 moving = np.linalg.norm(end_pos - settle_pos, axis=1)
                 dropped = start_pos[:, 2] - end_pos[:, 2]
+                tilt = np.degrees(np.arccos(np.clip(np.sum(start_up * settle_up, axis=1), -1, 1)))
+                worst_tilt = max(worst_tilt, float(tilt.max(initial=0.0)))
                 finite = bool(np.all(np.isfinite(env.sim.data.qpos)))
                 worst = max(worst, float(moving.max(initial=0.0)))
-                if not finite or solved or (moving > tolerance_m).any() or (dropped > 0.15).any():
+                if (not finite or solved or (moving > tolerance_m).any() or (dropped > 0.15).any()
+                        or (tilt > max_tilt_deg).any()):
                     problems = {joint_names[i]: {"moving_m": round(float(moving[i]), 4),
-                                                 "dropped_m": round(float(dropped[i]), 4)}
-                                for i in range(len(addr)) if moving[i] > tolerance_m or dropped[i] > 0.15}
+                                                 "dropped_m": round(float(dropped[i]), 4),
+                                                 "tilt_deg": round(float(tilt[i]), 1)}
+                                for i in range(len(addr))
+                                if moving[i] > tolerance_m or dropped[i] > 0.15 or tilt[i] > max_tilt_deg}
                     bad.append((index, {"objects": problems, "solved_after_settle": solved, "finite": finite}))
             settled[f"task{task_id}"] = np.stack(task_settled)
         finally:
             sim.close()
         ok &= not bad
         print(f"  task {task_id}: {len(states)} states, largest motion after settling {worst * 1000:.2f} mm, "
+              f"largest tilt while settling {worst_tilt:.1f} deg, "
               f"{'OK' if not bad else f'{len(bad)} BAD: {bad}'} ({time.perf_counter() - start:.0f} s)", flush=True)
     if dump:
         np.savez_compressed(dump, mujoco=mujoco.__version__, **settled)
