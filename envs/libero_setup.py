@@ -111,14 +111,14 @@ def smoke() -> str:
     return f"smoke: libero_spatial/0 built, reset, stepped ({time.perf_counter() - start:.1f} s)"
 
 
-def check_init_states(suite: str, tasks: list[int] | None, tolerance_m: float, dump: str | None,
-                      max_tilt_deg: float = 10.0) -> bool:
+def check_init_states(suite: str, tasks: list[int] | None, tolerance_m: float, dump: str | None) -> bool:
     """Every fixed initial state: set it, run the 10 settle steps (LIBERO's states hold objects a few cm
-    above their support: they drop ~7 cm and land), then 10 more no-op steps. A good state has every free
-    object at rest by then (moves < tolerance in the extra steps), none fallen off the table (> 15 cm
-    below its start) or tipped over while settling (> 10 degrees: mujoco >= 3.4 leaves libero_spatial
-    task 5's bowl tilted on the ramekin's rim), finite, and the task not already solved. `dump` saves the settled positions
-    (npz), to compare MuJoCo versions state by state."""
+    above their support: they drop 7-16 cm and land), then 10 more no-op steps. A good state has every
+    free object at rest by then (moves < tolerance in the extra steps), none fallen to the floor (> 25 cm
+    below its start), finite, and the task not already solved; the largest tilt while settling is
+    reported. A subtler change (mujoco >= 3.4 leaves libero_spatial task 5's bowl on the ramekin's rim
+    instead of seated) shows only against a reference: `dump` saves the settled positions and
+    orientations (npz) to compare two MuJoCo versions state by state."""
     import mujoco
     import numpy as np
 
@@ -159,24 +159,24 @@ def check_init_states(suite: str, tasks: list[int] | None, tolerance_m: float, d
                 for _ in range(L.NUM_SETTLE_STEPS):
                     env.step(L.NOOP_ACTION)
                 settle_pos, settle_up = positions(), up_axes()
+                settle_quat = [env.sim.data.qpos[a + 3:a + 7].copy() for a in addr]
                 solved = bool(env._check_success())
                 for _ in range(L.NUM_SETTLE_STEPS):
                     env.step(L.NOOP_ACTION)
                 end_pos = positions()
-                task_settled.append(settle_pos)
+                task_settled.append(np.concatenate([settle_pos, np.reshape(settle_quat, (-1, 4))], axis=1))
                 moving = np.linalg.norm(end_pos - settle_pos, axis=1)
                 dropped = start_pos[:, 2] - end_pos[:, 2]
                 tilt = np.degrees(np.arccos(np.clip(np.sum(start_up * settle_up, axis=1), -1, 1)))
                 worst_tilt = max(worst_tilt, float(tilt.max(initial=0.0)))
                 finite = bool(np.all(np.isfinite(env.sim.data.qpos)))
                 worst = max(worst, float(moving.max(initial=0.0)))
-                if (not finite or solved or (moving > tolerance_m).any() or (dropped > 0.15).any()
-                        or (tilt > max_tilt_deg).any()):
+                if not finite or solved or (moving > tolerance_m).any() or (dropped > 0.25).any():
                     problems = {joint_names[i]: {"moving_m": round(float(moving[i]), 4),
                                                  "dropped_m": round(float(dropped[i]), 4),
                                                  "tilt_deg": round(float(tilt[i]), 1)}
                                 for i in range(len(addr))
-                                if moving[i] > tolerance_m or dropped[i] > 0.15 or tilt[i] > max_tilt_deg}
+                                if moving[i] > tolerance_m or dropped[i] > 0.25}
                     bad.append((index, {"objects": problems, "solved_after_settle": solved, "finite": finite}))
             settled[f"task{task_id}"] = np.stack(task_settled)
         finally:
