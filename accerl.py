@@ -210,9 +210,16 @@ def derive_and_check(args: Args) -> Args:
     if problems:
         raise SystemExit("accerl: bad arguments:\n  " + "\n  ".join(problems))
     try:  # builds no simulator: checks the task name and the env options before anything is spawned
-        env_spec(args.task, image_size=args.policy.image_size, wrist_camera=args.wrist_camera, **env_options(args))
+        spec = env_spec(args.task, image_size=args.policy.image_size, wrist_camera=args.wrist_camera,
+                        **env_options(args))
     except (TypeError, ValueError) as exc:
         raise SystemExit(f"accerl: bad env options for --task {args.task}: {exc}")
+    # instructions must fit whole (LIBERO's run to ~100 bytes): a cut instruction can hide the goal
+    longest = max(InstructionTokenizer().num_tokens(text) for text in spec.instructions)
+    if longest > args.policy.max_instruction_tokens and not (args.resume or args.eval_only):
+        log("main", f"--policy.max-instruction-tokens {args.policy.max_instruction_tokens} -> {longest} "
+                    f"(the longest instruction of {args.task})")
+        args.policy.max_instruction_tokens = longest
     args.num_envs = args.num_env_workers * args.envs_per_worker
     if args.mode == "sync":
         # lockstep: every env contributes one segment per update, collected with one policy version

@@ -83,6 +83,9 @@ class PolicyConfig:
     """Vision attention heads (head dim 64)."""
     vision_mlp: int = 768
     """Vision MLP inner width."""
+    vision_position_init: Literal["sincos2d", "random"] = "sincos2d"
+    """Initial vision position embeddings: a 2-D sine-cosine code (where a patch is, readable from the
+    start: RL from random init learns spatial tasks much faster) or SigLIP's random init. Trainable either way."""
     vision_token_merge: int = 2
     """Merge each m x m block of patch tokens into one decoder token (pixel shuffle, as SmolVLM / Idefics3):
     m = 2 gives 16 instead of 64 vision tokens per camera, and a decoder ~2x cheaper."""
@@ -274,6 +277,21 @@ def _linear_fp32(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _sincos_2d(side: int, dim: int) -> torch.Tensor:
+    """(side * side, dim) fixed 2-D sine-cosine position code (MAE / ViT-2D style), row-major patches:
+    half of the channels encode the row, half the column, at geometric frequencies."""
+    quarter = dim // 4
+    freqs = 1.0 / (100.0 ** (torch.arange(quarter, dtype=torch.float64) / max(quarter, 1)))
+    coords = torch.arange(side, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+    parts = []
+    for grid in (rows, cols):
+        angles = grid.reshape(-1, 1) * freqs[None]
+        parts += [angles.sin(), angles.cos()]
+    table = torch.cat(parts, dim=1)
+    return torch.nn.functional.pad(table, (0, dim - table.shape[1])).float()
+
+
 def _merge_patches(tokens: torch.Tensor, m: int) -> torch.Tensor:
     """(N, side*side, D) row-major patch tokens -> (N, (side/m)^2, m*m*D): each m x m block concatenated."""
     n, count, dim = tokens.shape
@@ -337,6 +355,10 @@ class VLAPolicy(nn.Module):
             vision_use_head=False, attn_implementation="sdpa",
             hidden_act="gelu")  # exact GELU: 3.5x cheaper than SigLIP's tanh approximation on CPU, no weights to match
         self.vision = SiglipVisionModel(vision_config)
+        if cfg.vision_position_init == "sincos2d":
+            with torch.no_grad():
+                table = self.vision.embeddings.position_embedding.weight
+                table.copy_(_sincos_2d(cfg.image_size // cfg.patch_size, cfg.vision_hidden) * 0.5)
         # Two-layer MLP projector into the LM width, as in OpenVLA / LLaVA-1.5.
         merged_width = cfg.vision_hidden * cfg.vision_token_merge ** 2
         self.projector = nn.Sequential(nn.Linear(merged_width, cfg.hidden), nn.GELU(),
