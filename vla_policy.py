@@ -42,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaModel, SiglipVisionConfig, SiglipVisionModel
+from transformers import LlamaConfig, LlamaModel, ResNetConfig, ResNetModel, SiglipVisionConfig, SiglipVisionModel
 
 Layout = Literal["per_step", "per_dim"]
 ValuePooling = Literal["actions", "prompt"]
@@ -83,6 +83,11 @@ class PolicyConfig:
     """Vision attention heads (head dim 64)."""
     vision_mlp: int = 768
     """Vision MLP inner width."""
+    vision_tower: Literal["siglip", "resnet"] = "siglip"
+    """Vision encoder from transformers configs: "siglip" (a ViT, as OpenVLA's towers) or "resnet" (a small
+    ResNet whose stride-32 feature map gives (image_size / 32)^2 tokens, plus a 2-D position code)."""
+    resnet_widths: tuple[int, ...] = (32, 64, 128, 192)
+    """ResNet stage widths (4 stages: stride 32)."""
     vision_position_init: Literal["sincos2d", "random"] = "sincos2d"
     """Initial vision position embeddings: a 2-D sine-cosine code (where a patch is, readable from the
     start: RL from random init learns spatial tasks much faster) or SigLIP's random init. Trainable either way."""
@@ -142,6 +147,8 @@ class PolicyConfig:
     @property
     def vision_tokens(self) -> int:
         """Vision tokens in the decoder input, over all cameras."""
+        if self.vision_tower == "resnet":
+            return self.num_cameras * (self.image_size // 2 ** (len(self.resnet_widths) + 1)) ** 2
         return self.num_cameras * (self.image_size // self.patch_size // self.vision_token_merge) ** 2
 
 
@@ -354,13 +361,21 @@ class VLAPolicy(nn.Module):
             num_attention_heads=cfg.vision_heads, image_size=cfg.image_size, patch_size=cfg.patch_size,
             vision_use_head=False, attn_implementation="sdpa",
             hidden_act="gelu")  # exact GELU: 3.5x cheaper than SigLIP's tanh approximation on CPU, no weights to match
-        self.vision = SiglipVisionModel(vision_config)
-        if cfg.vision_position_init == "sincos2d":
+        if cfg.vision_tower == "resnet":
+            self.vision = ResNetModel(ResNetConfig(
+                num_channels=3, embedding_size=cfg.resnet_widths[0], hidden_sizes=list(cfg.resnet_widths),
+                depths=[1] * len(cfg.resnet_widths), layer_type="basic", hidden_act="relu"))
+            side = cfg.image_size // 2 ** (len(cfg.resnet_widths) + 1)
+            self.vision_position = nn.Parameter(_sincos_2d(side, cfg.hidden) * 0.5)
+        else:
+            self.vision = SiglipVisionModel(vision_config)
+        if cfg.vision_position_init == "sincos2d" and cfg.vision_tower == "siglip":
             with torch.no_grad():
                 table = self.vision.embeddings.position_embedding.weight
                 table.copy_(_sincos_2d(cfg.image_size // cfg.patch_size, cfg.vision_hidden) * 0.5)
         # Two-layer MLP projector into the LM width, as in OpenVLA / LLaVA-1.5.
-        merged_width = cfg.vision_hidden * cfg.vision_token_merge ** 2
+        merged_width = (cfg.resnet_widths[-1] if cfg.vision_tower == "resnet"
+                        else cfg.vision_hidden * cfg.vision_token_merge ** 2)
         self.projector = nn.Sequential(nn.Linear(merged_width, cfg.hidden), nn.GELU(),
                                        nn.Linear(cfg.hidden, cfg.hidden))
         decoder_config = LlamaConfig(
@@ -433,10 +448,15 @@ class VLAPolicy(nn.Module):
         instruction_tokens = instruction_tokens[:, : int(used.max()) + 1 if used.numel() else 0]
         # uint8 stays uint8 up to here (shared memory); normalise like SigLIP (mean 0.5, std 0.5) -> [-1, 1].
         pixels = images.flatten(0, 1).permute(0, 3, 1, 2).float().mul_(2.0 / 255.0).sub_(1.0)
-        vision = self.vision(pixel_values=pixels).last_hidden_state           # (B * cams, 64, Dv)
-        if cfg.vision_token_merge > 1:
-            vision = _merge_patches(vision, cfg.vision_token_merge)
-        vision = self.projector(vision).reshape(batch, cfg.vision_tokens, cfg.hidden)
+        if cfg.vision_tower == "resnet":
+            features = self.vision(pixel_values=pixels).last_hidden_state     # (B * cams, C, h, w)
+            vision = self.projector(features.flatten(2).transpose(1, 2)) + self.vision_position
+            vision = vision.reshape(batch, cfg.vision_tokens, cfg.hidden)
+        else:
+            vision = self.vision(pixel_values=pixels).last_hidden_state       # (B * cams, 64, Dv)
+            if cfg.vision_token_merge > 1:
+                vision = _merge_patches(vision, cfg.vision_token_merge)
+            vision = self.projector(vision).reshape(batch, cfg.vision_tokens, cfg.hidden)
         text = self.decoder.embed_tokens(instruction_tokens)                  # (B, L, D)
         slots = self.action_slots.to(text.dtype).expand(batch, -1, -1)
         embeds = torch.cat([vision.to(text.dtype), text, slots], dim=1)

@@ -13,7 +13,8 @@ What goes into `<out>/` (nothing else; stale files there are removed):
   `.pruned_init` initial states, and `libero/libero/assets/` holding only the scene files the tasks use,
   textures capped at --max-texture-size px with exactly the pixels envs/libero.py's capped copies have
   (so images match a full install's default max_texture_size=1024 bit for bit; a full install with
-  max_texture_size=0 differs slightly: the full textures are not carried).
+  max_texture_size=0 differs slightly: the full textures are not carried). Textures are stored as PNGs
+  with uncompressed deflate blocks (same pixels), which xz packs 25% smaller than the original PNGs.
   The files used are found by instrumentation: every task of every suite is built here through
   envs.libero's own path (`_TaskSim`) with `open` recorded (robosuite/LIBERO read their XML files in
   Python) and the model XML captured where envs.libero caps its textures (every <mesh file>/<texture file>
@@ -21,6 +22,7 @@ What goes into `<out>/` (nothing else; stale files there are removed):
   resets and steps every task instead (slow), recording files opened after the compile as well.
 - *.whl: cp312 manylinux x86_64 wheels (mujoco 3.3.2, pyopengl, glfw, gymnasium, farama-notifications,
   easydict, future, termcolor, bddl 1.0.1); extra/typing_extensions-*.whl (installed only where missing).
+  The mujoco wheel's members are recompressed with LZMA (same bytes inside; 1.6 MiB less to carry).
 - debs/*.deb: Debian's libglvnd EGL/GL loaders (the GPU image has no libEGL; platform.md).
 - manifest.json: suites, tasks, versions, sizes, sha256 of each file.
 """
@@ -56,6 +58,7 @@ WHEELS = [("mujoco", "3.3.2"), ("pyopengl", None), ("glfw", None), ("gymnasium",
           ("farama-notifications", None), ("easydict", "1.14"), ("future", "1.0.0"), ("termcolor", "3.3.0")]
 BUILT_WHEELS = [("bddl", "1.0.1")]  # `pip wheel --no-deps` (builds from the sdist where no wheel exists)
 EXTRA_WHEELS = [("typing-extensions", None)]  # mujoco imports it; torch brings it on the GPU machine
+REPACK_WHEELS = ("mujoco-",)  # recompressed with LZMA (repack_wheel): same files, 1.6 MiB less to carry
 DEBS = ["libegl1", "libglvnd0", "libopengl0", "libgl1", "libglx0", "libgles2"]
 MESH_OR_TEXTURE = re.compile(r'<(\w+)\b[^>]*?\bfile="([^"]+)"')
 TAR_MTIME = 1_700_000_000  # fixed: the tarball depends only on its contents
@@ -108,6 +111,7 @@ def collect(suites: list[str], full_build: bool = False) -> dict:
             raise _Collected
         return real_cap(xml, max_size)
 
+    L.ensure_libero_config()  # _TaskSim alone does not (LiberoEnv does): LIBERO would prompt with input()
     builtins.open, io.open, L.cap_textures = traced_open, traced_io_open, capture
     try:
         for suite in suites:
@@ -203,8 +207,8 @@ def plan_files(suites: list[str], traced: dict, layout: Layout) -> tuple[dict[st
             if tag is not None:
                 raise RuntimeError(f"<{tag} file={path}> lies outside libero/robosuite: cannot bundle it")
             continue  # cv2's config, matplotlibrc, ...: not ours
-        if not os.path.isfile(path):
-            continue  # a probe of a file that does not exist
+        if not os.path.isfile(path) or "/__pycache__/" in dest:
+            continue  # a probe of a missing file; bytecode or numba's cache (robosuite's jitted functions)
         files[dest] = path
         if tag == "texture":
             textures[dest] = path
@@ -221,10 +225,32 @@ def texture_bytes(src: str, max_size: int) -> tuple[bytes, bool]:
         return f.read(), capped != src
 
 
-def write_tarball(out: str, files: dict[str, str], textures: dict[str, str], max_size: int) -> dict:
+def png_for_xz(data: bytes) -> bytes:
+    """The same image as a PNG with stored (uncompressed) deflate blocks: xz then compresses the textures to
+    ~75% of their PNG size (they are a third of the bundle's raw size and most of its compressed size).
+    Lossless: kept only where the decoded pixels, mode and palette/transparency equal the original's; on the
+    GPU machine the files are bigger on disk and load faster."""
+    from PIL import Image
+    import numpy as np
+
+    with Image.open(io.BytesIO(data)) as im:
+        if im.format != "PNG" or im.mode not in ("RGB", "RGBA", "L", "LA", "P"):
+            return data
+        buf = io.BytesIO()
+        im.save(buf, format="PNG", compress_level=0)
+        with Image.open(io.BytesIO(buf.getvalue())) as new:
+            same = (new.mode == im.mode and new.size == im.size
+                    and np.array_equal(np.asarray(new), np.asarray(im))
+                    and np.array_equal(np.asarray(new.convert("RGBA")), np.asarray(im.convert("RGBA"))))
+    return buf.getvalue() if same else data
+
+
+def write_tarball(out: str, files: dict[str, str], textures: dict[str, str], max_size: int,
+                  store_png: bool = True) -> dict:
     """Writes the xz tarball; returns per-group byte counts (raw) and texture stats."""
     groups: dict[str, list[int]] = {}
-    capped = 0
+    capped = linked = 0
+    first_copy: dict[bytes, str] = {}
     tmp = out + ".tmp"
     # preset 9: 64 MiB dictionary; one thread, ~1 MB/s on this busy machine
     with tarfile.open(tmp, "w:xz", preset=9, format=tarfile.PAX_FORMAT) as tar:
@@ -233,14 +259,22 @@ def write_tarball(out: str, files: dict[str, str], textures: dict[str, str], max
             if dest in textures:
                 data, was_capped = texture_bytes(src, max_size)
                 capped += was_capped
+                if store_png:
+                    data = png_for_xz(data)
             else:
                 with open(src, "rb") as f:
                     data = f.read()
             info = tarfile.TarInfo(dest)
-            info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o644
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            tar.addfile(info, io.BytesIO(data))
+            info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = TAR_MTIME, 0o644, 0, 0, "", ""
+            digest = hashlib.sha256(data).digest()
+            if digest in first_copy and len(data) >= 4096:  # LIBERO ships some meshes/textures twice (9 MiB): a hard link instead
+                info.type, info.linkname = tarfile.LNKTYPE, first_copy[digest]
+                tar.addfile(info)
+                linked += 1
+            else:
+                first_copy[digest] = dest
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
             parts = dest.split("/")
             key = ("/".join(parts[:4]) if dest.startswith(("libero/libero/assets/", "robosuite/models/assets/"))
                    else "/".join(parts[:3]) if dest.startswith("libero/libero/") else parts[0] + " (code)")
@@ -248,7 +282,7 @@ def write_tarball(out: str, files: dict[str, str], textures: dict[str, str], max
             g[0] += 1
             g[1] += len(data)
     os.replace(tmp, out)
-    return {"groups": groups, "capped_textures": capped, "textures": len(textures)}
+    return {"groups": groups, "capped_textures": capped, "textures": len(textures), "hard_links": linked}
 
 
 # --- 3. wheels and debs --------------------------------------------------------------------------------------
@@ -280,6 +314,31 @@ def fetch_wheels(out: str) -> list[str]:
                 shutil.move(whl, os.path.join(dest, os.path.basename(whl)))
                 names.append(os.path.relpath(os.path.join(dest, os.path.basename(whl)), out))
     return names
+
+
+def repack_wheel(path: str) -> bool:
+    """Rewrites a wheel with LZMA-compressed zip members instead of deflate (mujoco: 6.4 -> 4.8 MiB). The
+    members' bytes, names, order, dates and modes are unchanged (so RECORD's hashes still hold); pip reads
+    it with the standard zipfile module. Returns False where it already was LZMA."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as zin:
+        if all(i.compress_type == zipfile.ZIP_LZMA for i in zin.infolist()):
+            return False
+        tmp = path + ".tmp"
+        with zipfile.ZipFile(tmp, "w") as zout:
+            for info in zin.infolist():
+                new = zipfile.ZipInfo(info.filename, info.date_time)
+                new.external_attr, new.create_system = info.external_attr, info.create_system
+                new.compress_type = zipfile.ZIP_LZMA
+                zout.writestr(new, zin.read(info))
+    with zipfile.ZipFile(path) as old, zipfile.ZipFile(tmp) as new:
+        if [(i.filename, i.CRC, i.file_size) for i in old.infolist()] != \
+                [(i.filename, i.CRC, i.file_size) for i in new.infolist()] or new.testzip() is not None:
+            os.unlink(tmp)
+            raise RuntimeError(f"repacking {path} changed its contents")
+    os.replace(tmp, path)
+    return True
 
 
 def fetch_debs(out: str) -> list[str]:
@@ -334,6 +393,9 @@ def build(out: str, suites: list[str], max_size: int, full_build: bool, skip_dow
         debs = sorted(os.path.relpath(p, out) for p in glob.glob(os.path.join(out, "debs", "*.deb")))
         if not wheels or not debs:
             raise SystemExit(f"--skip-downloads: no wheels/debs in {out} yet")
+    for rel in wheels:
+        if os.path.basename(rel).startswith(REPACK_WHEELS) and repack_wheel(os.path.join(out, rel)):
+            print(f"  {rel}: members recompressed with LZMA (contents unchanged)")
     keep |= set(wheels) | set(debs)
     for folder, _, names in os.walk(out):  # the bundle travels whole: nothing else may stay in it
         for name in names:
@@ -366,11 +428,12 @@ def build(out: str, suites: list[str], max_size: int, full_build: bool, skip_dow
         json.dump(manifest, f, indent=1)
 
     mib = 1 << 20
-    print("\nsim.tar.xz contents (uncompressed):")
+    print("\nsim.tar.xz contents (bytes in the tar, before xz; textures as stored PNGs):")
     for key, (n, size) in sorted(stats["groups"].items(), key=lambda kv: -kv[1][1]):
         print(f"  {size / mib:7.2f} MiB {n:5d} files  {key}")
     print(f"  {manifest['tarball_raw_bytes'] / mib:7.2f} MiB {len(files):5d} files  total; "
-          f"{stats['capped_textures']} of {stats['textures']} textures capped to {max_size} px")
+          f"{stats['capped_textures']} of {stats['textures']} textures capped to {max_size} px, "
+          f"{stats['hard_links']} duplicate files stored as hard links")
     print("\nbundle (what travels):")
     total = 0
     for rel, meta in manifest["files"].items():
@@ -379,6 +442,9 @@ def build(out: str, suites: list[str], max_size: int, full_build: bool, skip_dow
     total += os.path.getsize(os.path.join(out, "manifest.json"))
     print(f"  {total / mib:7.2f} MiB  total ({out}); suites: {', '.join(suites)} "
           f"({manifest['tasks']} tasks); {time.perf_counter() - start:.0f} s")
+    if total > 55 * mib:
+        print(f"WARNING: {total / mib:.1f} MiB is over the 55 MiB aim (64 MiB per call, code included): "
+              "build fewer suites (--suites) or stage the bundle on a warm machine")
 
 
 # --- verification (here, no GPU) ------------------------------------------------------------------------------
@@ -460,6 +526,43 @@ def _isolated_site(dest: str) -> None:
                 os.symlink(src, os.path.join(dest, top))
 
 
+def check_textures(sim: str) -> bool:
+    """Every bundled texture, decoded by MuJoCo, equals what a full install decodes from envs/libero.py's
+    capped copy of the original (all 57, not only those of the tasks run)."""
+    import mujoco
+    import numpy as np
+
+    layout = Layout()
+    worst, count, bad = 0, 0, []
+    for folder, _, names in os.walk(sim):
+        for name in names:
+            if not name.endswith(".png"):
+                continue
+            path = os.path.join(folder, name)
+            rel = os.path.relpath(path, sim).replace(os.sep, "/")
+            if rel.startswith("libero/libero/assets/"):
+                orig = os.path.join(layout.assets_link, rel[len("libero/libero/assets/"):])
+            else:
+                orig = os.path.join(layout.robosuite, rel[len("robosuite/"):])
+            decoded = []
+            for file in (path, L.capped_texture(orig, L.LiberoOptions.max_texture_size)):
+                model = mujoco.MjModel.from_xml_string(
+                    f'<mujoco><asset><texture name="t" type="2d" file="{file}"/></asset></mujoco>')
+                decoded.append((int(model.tex_width[0]), int(model.tex_height[0]), model.tex_data.copy()))
+            (w0, h0, a), (w1, h1, b) = decoded
+            count += 1
+            if (w0, h0) != (w1, h1) or a.shape != b.shape:
+                bad.append(rel)
+                continue
+            diff = int(np.abs(a.astype(int) - b.astype(int)).max())
+            worst = max(worst, diff)
+            if diff:
+                bad.append(rel)
+    print(f"textures: {count} bundled PNGs decoded by MuJoCo vs the full install's capped copies: "
+          f"max abs diff {worst}, {len(bad)} differ {bad[:5]}")
+    return not bad and count > 0
+
+
 def verify(bundle: str, tasks_per_suite: int, size: int) -> bool:
     import numpy as np
 
@@ -516,10 +619,12 @@ def verify(bundle: str, tasks_per_suite: int, size: int) -> bool:
             cache_used = os.path.isdir(os.path.join(work, "cache"))
             print(f"{suite}/{task}: bundle vs full install max abs diff "
                   + ", ".join(f"{k} {v:g}" for k, v in diffs.items())
+                  + f"; image mean {x['image'].mean():.1f} std {x['image'].std():.1f}"
                   + f"; bundle run {a[0]['seconds']:.1f} s (libero {a[0]['origins']['libero']}), full "
                   f"{b[0]['seconds']:.1f} s; texture cache written by the bundle run: {cache_used}")
             ok &= all(v == 0 for v in diffs.values()) and a[0]["origins"]["libero"].startswith(sim) \
                 and not a[0]["foreign_modules"] and not cache_used
+    ok &= check_textures(sim)
     got = run(bundled_env, True, "stock", manifest["suites"][0], 0)
     if got is None:
         ok = False
