@@ -8,6 +8,7 @@ from a sparse reward will not learn it in 20 minutes either.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--policy", nargs="*", default=[], help="PolicyConfig overrides name=value")
+    parser.add_argument("--env-options", default="{}", help="tabletop2d options as JSON")
+    parser.add_argument("--only-task", type=int, default=None, help="pin one task (vision-only probe)")
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -38,7 +41,7 @@ def main() -> None:
         overrides[key] = field_type(value) if field_type is not bool else value == "True"
     policy = VLAPolicy(PolicyConfig(**overrides))
     tokenizer = InstructionTokenizer()
-    env = Tabletop2D(seed=0)
+    env = Tabletop2D(seed=0, only_task=args.only_task, **json.loads(args.env_options))
     instructions = tokenizer.encode(list(env.spec.instructions), policy.cfg.max_instruction_tokens)
     rng = np.random.default_rng(0)
     images, texts, actions = [], [], []

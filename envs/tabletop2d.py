@@ -39,8 +39,6 @@ OBJECTS = (
 INSTRUCTIONS = tuple(f"pick up the {colour} {shape}" for colour, shape, _ in OBJECTS)
 SLOTS = np.array([(-0.55, 0.55), (0.55, 0.55), (-0.55, -0.55), (0.55, -0.55)])
 """Object centres of the default layout, one object per slot in a random permutation."""
-OBJECT_RADIUS = 0.13
-"""Half-size of a drawn object (world units; the table is 2 wide)."""
 EE_START_JITTER = 0.1
 """The EE starts uniformly in [-0.1, 0.1]^2: near the centre, equally far from every slot."""
 EE_RADIUS = 0.075
@@ -57,6 +55,8 @@ class Tabletop2DOptions:
     layout: str = "slots"
     """"slots": objects near the four corners in a random permutation (+-`slot_jitter`); "free":
     uniform on the table with a minimum separation (a harder vision problem)."""
+    object_radius: float = 0.13
+    """Half-size of a drawn object (world units; the table is 2 wide)."""
     slot_jitter: float = 0.12
     """Uniform jitter of each object around its slot (layout "slots")."""
     max_delta: float = 0.09
@@ -216,7 +216,7 @@ class Tabletop2D(TaskEnv):
             return SLOTS[self.rng.permutation(len(OBJECTS))] + jitter
         # "free": rejection sampling; objects keep apart (no ambiguous grasps) and away from the EE start
         # (no free successes). With 4 objects on this table it accepts within a few tries.
-        limit, min_separation = 1 - OBJECT_RADIUS - 0.05, 2 * self.opts.success_radius + 0.1
+        limit, min_separation = 1 - self.opts.object_radius - 0.05, 2 * self.opts.success_radius + 0.1
         placed: list[np.ndarray] = []
         for _ in range(10_000):
             xy = self.rng.uniform(-limit, limit, 2)
@@ -237,7 +237,7 @@ class Tabletop2D(TaskEnv):
         table[:] = _table_texture(size)
         centres = -1 + (2 * np.arange(size) + 1) / size  # pixel centres in world units
         for (_, shape, colour), (x, y) in zip(OBJECTS, self.object_xy):
-            mask = _shape_mask(shape, centres[None, :] - x, centres[::-1, None] - y, OBJECT_RADIUS)
+            mask = _shape_mask(shape, centres[None, :] - x, centres[::-1, None] - y, self.opts.object_radius)
             table[mask] = colour
         return frame
 
