@@ -403,6 +403,15 @@ class VLAPolicy(nn.Module):
         nn.init.zeros_(self.action_head.bias)
         self.value_head = AttentionPoolValueHead(cfg.hidden, cfg.value_hidden)
 
+    def train(self, mode: bool = True) -> "VLAPolicy":
+        """BatchNorm (ResNet tower) always uses its fixed statistics: batch statistics in the learner but
+        not in the inference copy would make the behaviour and learner policies differ on the same input."""
+        super().train(mode)
+        for module in self.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+        return self
+
     # -- parameter groups ---------------------------------------------------------------------------------
 
     def value_parameters(self) -> list[nn.Parameter]:
