@@ -128,6 +128,7 @@ class PolicyConfig:
     """Stop the critic's gradient at the trunk (AcceRL: the critic reads detached hidden states)."""
 
     def __post_init__(self) -> None:
+        self.resnet_widths = tuple(self.resnet_widths)  # JSON round trips give lists
         for name, choices in (("layout", Layout), ("value_pooling", ValuePooling),
                               ("prefix_attention", PrefixAttention), ("action_head", ActionHead)):
             if getattr(self, name) not in get_args(choices):
