@@ -242,7 +242,12 @@ def env_options(args: Args) -> dict:
     extra = json.loads(args.env_options)
     if family == "tabletop2d":
         return {"step_cost_ms": args.step_cost_ms, "step_cost_kind": args.step_cost_kind, **extra}
-    return {"init_states": args.init_states, **extra}
+    options = {"init_states": args.init_states}
+    inference = args.inference_device or args.device
+    if inference.startswith("cuda") or (inference == "auto" and torch.cuda.is_available()):
+        # render on the inference GPU, found by its CUDA index in EGL's own device order
+        options["render_cuda_device"] = int(inference.split(":")[1]) if ":" in inference else 0
+    return {**options, **extra}
 
 
 def derive_seed(seed: int, *path: int) -> int:

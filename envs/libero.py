@@ -167,6 +167,9 @@ class LiberoOptions:
     """MuJoCo's in-process cache of decoded meshes/textures (speeds up rebuilding a task, costs RSS)."""
     egl_device_id: int | None = None
     """EGL device for rendering (MUJOCO_EGL_DEVICE_ID); None leaves the environment's choice."""
+    render_cuda_device: int | None = None
+    """Render on this CUDA device: its EGL index is looked up (EGL_CUDA_DEVICE_NV), because EGL's device
+    order need not match CUDA's. The pipeline passes the inference GPU. Ignored if egl_device_id is set."""
 
     def __post_init__(self):
         if self.init_states not in ("sampled", "fixed"):
@@ -557,6 +560,26 @@ class _TaskSim:
                 pass
 
 
+def egl_index_of_cuda_device(cuda_device: int) -> int:
+    """The index, in MuJoCo's EGL device enumeration (what MUJOCO_EGL_DEVICE_ID selects), of the EGL
+    device that is CUDA device `cuda_device` (NVIDIA's EGL_NV_device_cuda attribute)."""
+    import ctypes
+
+    from mujoco.egl import egl_ext
+    from OpenGL.raw.EGL.EXT.device_query import eglQueryDeviceAttribEXT
+    from OpenGL.raw.EGL.NV.device_cuda import EGL_CUDA_DEVICE_NV
+
+    found = []
+    for index, device in enumerate(egl_ext.eglQueryDevicesEXT()):
+        value = ctypes.c_ssize_t(-1)  # EGLAttrib
+        if eglQueryDeviceAttribEXT(device, EGL_CUDA_DEVICE_NV, ctypes.cast(ctypes.byref(value), ctypes.POINTER(ctypes.c_ssize_t))):
+            found.append((index, value.value))
+            if value.value == cuda_device:
+                return index
+    raise RuntimeError(f"no EGL device is CUDA device {cuda_device} (EGL index -> CUDA device: {found}); "
+                       "set egl_device_id explicitly, or MUJOCO_GL=osmesa for CPU rendering")
+
+
 class LiberoEnv(TaskEnv):
     """A LIBERO suite as a multi-task env; see the module docstring. `sim` is the current task's
     robosuite env (privileged state for tests and debugging)."""
@@ -587,6 +610,8 @@ class LiberoEnv(TaskEnv):
         self._seed(seed)
         if self.opts.egl_device_id is not None:
             os.environ["MUJOCO_EGL_DEVICE_ID"] = str(self.opts.egl_device_id)
+        elif self.opts.render_cuda_device is not None and os.environ.get("MUJOCO_GL") == "egl":
+            os.environ["MUJOCO_EGL_DEVICE_ID"] = str(egl_index_of_cuda_device(self.opts.render_cuda_device))
         ensure_libero_config()
         set_mujoco_asset_cache(self.opts.mujoco_asset_cache_mb)
 
