@@ -572,10 +572,15 @@ def egl_index_of_cuda_device(cuda_device: int) -> int:
     found = []
     for index, device in enumerate(egl_ext.eglQueryDevicesEXT()):
         value = ctypes.c_ssize_t(-1)  # EGLAttrib
-        if eglQueryDeviceAttribEXT(device, EGL_CUDA_DEVICE_NV, ctypes.cast(ctypes.byref(value), ctypes.POINTER(ctypes.c_ssize_t))):
-            found.append((index, value.value))
-            if value.value == cuda_device:
-                return index
+        try:  # non-NVIDIA devices (e.g. Mesa's software device) have no CUDA attribute: EGL_BAD_ATTRIBUTE
+            ok = eglQueryDeviceAttribEXT(device, EGL_CUDA_DEVICE_NV,
+                                         ctypes.cast(ctypes.byref(value), ctypes.POINTER(ctypes.c_ssize_t)))
+        except Exception as exc:  # PyOpenGL raises on EGL_FALSE
+            found.append((index, type(exc).__name__))
+            continue
+        found.append((index, value.value if ok else None))
+        if ok and value.value == cuda_device:
+            return index
     raise RuntimeError(f"no EGL device is CUDA device {cuda_device} (EGL index -> CUDA device: {found}); "
                        "set egl_device_id explicitly, or MUJOCO_GL=osmesa for CPU rendering")
 
