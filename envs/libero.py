@@ -72,6 +72,7 @@ import hashlib
 import importlib.util
 import math
 import os
+import warnings
 import pickle
 import re
 import zipfile
@@ -566,8 +567,15 @@ def egl_index_of_cuda_device(cuda_device: int) -> int:
     import ctypes
 
     from mujoco.egl import egl_ext
-    from OpenGL.raw.EGL.EXT.device_query import eglQueryDeviceAttribEXT
     from OpenGL.raw.EGL.NV.device_cuda import EGL_CUDA_DEVICE_NV
+
+    # an extension function: resolve it through eglGetProcAddress, as MuJoCo does for eglQueryDevicesEXT
+    prototype = ctypes.CFUNCTYPE(egl_ext.EGL.EGLBoolean, egl_ext.EGL.EGLDeviceEXT, egl_ext.EGL.EGLint,
+                                 ctypes.POINTER(ctypes.c_ssize_t))
+    address = egl_ext.EGL.eglGetProcAddress("eglQueryDeviceAttribEXT")
+    if not address:
+        raise RuntimeError("this EGL has no eglQueryDeviceAttribEXT; set egl_device_id explicitly")
+    eglQueryDeviceAttribEXT = prototype(address)
 
     found = []
     for index, device in enumerate(egl_ext.eglQueryDevicesEXT()):
@@ -616,7 +624,10 @@ class LiberoEnv(TaskEnv):
         if self.opts.egl_device_id is not None:
             os.environ["MUJOCO_EGL_DEVICE_ID"] = str(self.opts.egl_device_id)
         elif self.opts.render_cuda_device is not None and os.environ.get("MUJOCO_GL") == "egl":
-            os.environ["MUJOCO_EGL_DEVICE_ID"] = str(egl_index_of_cuda_device(self.opts.render_cuda_device))
+            try:
+                os.environ["MUJOCO_EGL_DEVICE_ID"] = str(egl_index_of_cuda_device(self.opts.render_cuda_device))
+            except (RuntimeError, ImportError, OSError) as exc:
+                warnings.warn(f"libero: rendering on EGL's default device: {exc}")
         ensure_libero_config()
         set_mujoco_asset_cache(self.opts.mujoco_asset_cache_mb)
 
