@@ -440,12 +440,14 @@ class EnvWorker:
             self.chan.stats.put(("episode", self.name, {
                 "return": e.episode_return, "length": e.episode_env_steps, "success": success,
                 "task_id": e.task_id, "truncated": bool(truncated)}))
-            final_obs, obs = obs, self._reset(i)
+            if truncated:
+                # the truncated step bootstraps with V(final observation), under the ended episode's
+                # instruction: write it before the reset picks the next task, evaluate it alongside
+                self._write_obs(e, T + 1, obs)
+            obs = self._reset(i)
             e.episode_start_row = row + 1
         self._write_obs(e, row + 1, obs)
         if truncated:
-            # the truncated step bootstraps with V(final observation): evaluate it alongside
-            self._write_obs(e, T + 1, final_obs)
             self._request(i, (row + 1, T + 1))
         else:
             self._request(i, (row + 1,))
