@@ -508,8 +508,7 @@ class EvalWorker:
 
     def step(self) -> None:
         if self.job is None:
-            job = self.getter.get(self.chan.eval_jobs, "main (eval jobs)", self.poll_s)
-            self.getter._since = None  # idle eval workers are not stalled
+            job = self.getter.get(self.chan.eval_jobs, "main (eval jobs)", self.poll_s, idle_ok=True)
             if job is None:
                 return
             self.job = job
@@ -621,8 +620,7 @@ class InferenceServer:
             timeout = min(wait, self.poll_s) if self.poll_s > 0 else 0.0
         else:
             timeout = self.poll_s
-        msg = self.getter.get(self.chan.requests, "env workers", timeout)
-        self.getter._since = None  # an idle inference server is not a stall
+        msg = self.getter.get(self.chan.requests, "env workers", timeout, idle_ok=True)
         while msg is not None:
             self.pending.append((msg, time.perf_counter()))
             if self._rows_pending() >= self.args.max_batch * 4:
@@ -865,7 +863,8 @@ class Learner:
         """Copy the segments out of shared memory, then hand the slots back to the env workers."""
         storage, T = self.shared.storage, self.args.segment_len
         idx = torch.tensor(segments)
-        batch = {name: storage.fields[name][idx].clone() for name in (
+        # indexing with a tensor copies; rows 0..T only (row T + 1 is scratch space)
+        batch = {name: storage.fields[name][idx, : T + 1] for name in (
             "images", "instruction", "action_tokens", "logp", "log_probs", "value", "version",
             "reward", "terminated", "truncated", "trunc_value", "valid")}
         for seg in segments:
@@ -1048,9 +1047,8 @@ class Run:
         self.spec = env_spec(args.task, image_size=args.policy.image_size, wrist_camera=args.wrist_camera,
                              **env_options(args))
         self.learner_device, self.inference_device = resolve_devices(args)
-        self.resume_from = None
-        if args.resume:
-            self.resume_from = ckpt.resolve_checkpoint(args.resume)
+        self.resume_from = ckpt.resolve_checkpoint(args.resume) if args.resume else None
+        self.resume_meta = json.loads((self.resume_from / "meta.json").read_text()) if self.resume_from else None
         source = self.resume_from or (ckpt.resolve_checkpoint(args.checkpoint) if args.eval_only else None)
         if source is not None:  # the policy's architecture is the checkpoint's, whatever the flags say
             saved = json.loads((source / "meta.json").read_text())["args"]["policy"]
@@ -1109,9 +1107,8 @@ class Run:
         self.shared = Shared(storage, weights, counters, heartbeats, make_event(), make_event())
         for seg in range(self.first_eval_segment):
             self.chan.free_segments.put(seg)
-        if self.resume_from is not None:
-            meta = json.loads((self.resume_from / "meta.json").read_text())
-            counters.restore(meta["counters"])
+        if self.resume_meta is not None:
+            counters.restore(self.resume_meta["counters"])
         log("main", f"shared storage {storage.nbytes() / 2**20:.0f} MiB: {num_segments} segments x "
                     f"{args.segment_len + 2} rows; weights {sum(t.numel() for t in weights.tensors.values()) / 1e6:.2f} M")
 
@@ -1134,9 +1131,7 @@ class Run:
         return builders
 
     def resume_update(self) -> int:
-        if self.resume_from is None:
-            return 0
-        return int(json.loads((self.resume_from / "meta.json").read_text())["update"])
+        return 0 if self.resume_meta is None else int(self.resume_meta["update"])
 
     # -- running ---------------------------------------------------------------------------------
     def start(self) -> None:

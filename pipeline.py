@@ -211,13 +211,17 @@ class TimedGet:
         self.waited_s = 0.0
         self._since: float | None = None
 
-    def get(self, q, peer: str, poll_s: float):
+    def get(self, q, peer: str, poll_s: float, idle_ok: bool = False):
+        """The next item, or None after `poll_s`. `idle_ok`: an empty queue is normal for this role
+        (an idle server), so no limit applies."""
         start = time.perf_counter()
         try:
             item = q.get(timeout=poll_s) if poll_s > 0 else q.get_nowait()
         except queue.Empty:
             now = time.perf_counter()
             self.waited_s += now - start
+            if idle_ok:
+                return None
             if self._since is None:
                 self._since = now
             elif now - self._since > self.limit_s:
