@@ -44,6 +44,26 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     _fsync_dir(path.parent)
 
 
+def install_dir(tmp: str | Path, final: str | Path) -> Path:
+    """Move a fully written directory `tmp` to `final` (same filesystem): fsync its files and itself, then
+    rename. An existing `final` is first renamed aside and removed afterwards, so readers see the old
+    directory or the new one, never a mix (a crash between the two renames leaves the old one as
+    `.<name>.old<pid>` next to it). For whole-directory artefacts such as `VLAPolicy.save` output."""
+    tmp, final = Path(tmp), Path(final)
+    for path in tmp.iterdir():
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    old = final.with_name(f".{final.name}.old{os.getpid()}")
+    if final.exists():
+        os.rename(final, old)
+    os.rename(tmp, final)
+    _fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
 def optimizer_to_tensors(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
     """Split `optimizer.state_dict()` into tensors (for safetensors) and JSON-able rest."""
     tensors, scalars = {}, {}
