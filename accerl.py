@@ -57,6 +57,9 @@ class Args:
     """Where logs, checkpoints and summary.json go (default runs/<task>__<exp_name>__<seed>__<time>)."""
     resume: str | None = None
     """Continue a run from its latest complete checkpoint (a run directory or a checkpoint directory)."""
+    init_policy: str | None = None
+    """Start from a saved policy (a directory written by `VLAPolicy.save`, e.g. sft.py's `<run>/policy`): its
+    architecture and weights, with a fresh optimiser and counters (supervised warm start, then RL)."""
     eval_only: bool = False
     """Only evaluate --checkpoint greedily (every task x --eval-episodes-per-task) and write a table."""
     checkpoint: str | None = None
@@ -194,6 +197,9 @@ def derive_and_check(args: Args) -> Args:
         problems.append("--eval-only needs --num-eval-workers >= 1")
     if args.resume and args.eval_only:
         problems.append("--resume and --eval-only exclude each other")
+    if args.init_policy and (args.resume or args.eval_only):
+        problems.append("--init-policy starts a new training run: drop --resume / --eval-only (a resumed run "
+                        "keeps its own weights; --eval-only reads --checkpoint)")
     if args.gipo_sigma <= 0:
         problems.append("--gipo-sigma must be > 0")
     if args.max_batch < 1 or args.batch_timeout_ms < 0:
@@ -214,8 +220,17 @@ def derive_and_check(args: Args) -> Args:
                         **env_options(args))
     except (TypeError, ValueError) as exc:
         raise SystemExit(f"accerl: bad env options for --task {args.task}: {exc}")
+    if args.init_policy:
+        args.policy = load_policy_config(args.init_policy)
+        if args.policy.num_cameras != (2 if args.wrist_camera else 1):
+            raise SystemExit(f"accerl: --init-policy {args.init_policy} sees {args.policy.num_cameras} camera(s); "
+                             f"{'drop' if args.wrist_camera else 'add'} --wrist-camera to match it")
     # instructions must fit whole (LIBERO's run to ~100 bytes): a cut instruction can hide the goal
     longest = max(InstructionTokenizer().num_tokens(text) for text in spec.instructions)
+    if longest > args.policy.max_instruction_tokens and args.init_policy:
+        raise SystemExit(f"accerl: the instructions of {args.task} need {longest} tokens, the policy in "
+                         f"--init-policy takes {args.policy.max_instruction_tokens}: train it with "
+                         f"--policy.max-instruction-tokens {longest}")
     if longest > args.policy.max_instruction_tokens and not (args.resume or args.eval_only):
         log("main", f"--policy.max-instruction-tokens {args.policy.max_instruction_tokens} -> {longest} "
                     f"(the longest instruction of {args.task})")
@@ -226,6 +241,16 @@ def derive_and_check(args: Args) -> Args:
         args.segments_per_update = args.num_envs
     args.policy.num_cameras = 2 if args.wrist_camera else 1
     return args
+
+
+def load_policy_config(directory: str) -> PolicyConfig:
+    """The PolicyConfig of a directory written by `VLAPolicy.save`; a clear error if it is not one."""
+    path = Path(directory)
+    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+        raise SystemExit(f"accerl: --init-policy {directory} holds no config.json + model.safetensors "
+                         "(a directory written by VLAPolicy.save, e.g. sft.py's <run>/policy)")
+    saved = json.loads((path / "config.json").read_text())
+    return PolicyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
 
 
 def resolve_devices(args: Args) -> tuple[str, str]:
@@ -759,6 +784,16 @@ def policy_objective(loss: str, logp: torch.Tensor, behaviour_logp: torch.Tensor
     return per_token, {"ratio": ratio.detach(), "w": w.detach()}
 
 
+def effective_tokens(env_steps: torch.Tensor, chunk_len: int, active_dims: torch.Tensor) -> torch.Tensor:
+    """(B, chunk_len, action_dim) bool, the action tokens that acted: chunk step k ran (k < the row's env
+    steps; a chunk stops at the episode's end) and dimension d is one the env uses (`active_dims`, bool).
+    The policy loss, entropy and KL average over these only: the reward cannot depend on the other tokens,
+    so their score terms have zero mean and add only variance. (A row with 0 env steps keeps every step.)"""
+    steps = torch.where(env_steps > 0, env_steps, chunk_len)
+    ran = torch.arange(chunk_len, device=env_steps.device)[None] < steps[:, None]
+    return ran[:, :, None] & active_dims[None, None]
+
+
 def lr_lambda(args: Args):
     """Linear warm-up, then cosine decay to min_lr_ratio (reference.md section 4)."""
 
@@ -784,12 +819,14 @@ class Learner:
     values with the current critic), advantage normalisation, the per-token objective, one or more
     optimiser steps; then publishes the weights with a new version. Writes checkpoints."""
 
-    def __init__(self, args: Args, shared: Shared, chan: Channels, poll_s: float, device: str, run_dir: Path,
-                 resume_from: Path | None):
+    def __init__(self, args: Args, spec: EnvSpec, shared: Shared, chan: Channels, poll_s: float, device: str,
+                 run_dir: Path, resume_from: Path | None):
         from accelerate import Accelerator
 
         self.args, self.shared, self.chan, self.poll_s, self.run_dir = args, shared, chan, poll_s, run_dir
         self.name = "learner"
+        self.active_dims = torch.zeros(args.policy.action_dim, dtype=torch.bool)
+        self.active_dims[list(spec.active_action_dims or range(args.policy.action_dim))] = True
         on_cuda = device.startswith("cuda")
         if on_cuda:
             torch.cuda.set_device(torch.device(device))
@@ -808,6 +845,12 @@ class Learner:
         self.update = 0
         if resume_from is not None:
             self._load(resume_from)
+        elif args.init_policy:  # weights only: the architecture came from the same directory
+            from safetensors.torch import load_file
+
+            weights = load_file(str(Path(args.init_policy) / "model.safetensors"))
+            self.accelerator.unwrap_model(self.policy).load_state_dict(weights, strict=True)
+            log(self.name, f"policy initialised from {args.init_policy}")
         self.getter = TimedGet(self.name, args.wait_timeout_s)
         self.segments: list[int] = []
         self.last_update_time = time.perf_counter()
@@ -866,7 +909,7 @@ class Learner:
         # indexing with a tensor copies; rows 0..T only (row T + 1 is scratch space)
         batch = {name: storage.fields[name][idx, : T + 1] for name in (
             "images", "instruction", "action_tokens", "logp", "log_probs", "value", "version",
-            "reward", "terminated", "truncated", "trunc_value", "valid")}
+            "reward", "terminated", "truncated", "trunc_value", "valid", "env_steps")}
         for seg in segments:
             self.chan.free_segments.put(seg)
         batch["bootstrap_images"] = batch["images"][:, T]
@@ -902,7 +945,7 @@ class Learner:
         advantages, returns = compute_gae(batch["reward"], values, bootstrap, batch["terminated"],
                                           batch["truncated"], batch["trunc_value"], args.gamma, args.gae_lambda)
         flat = {k: batch[k].flatten(0, 1) for k in ("images", "instruction", "action_tokens", "logp", "log_probs",
-                                                     "mask", "lag")}
+                                                     "mask", "lag", "env_steps")}
         flat["advantages"], flat["returns"], flat["values"] = advantages.flatten(), returns.flatten(), values.flatten()
         mask = flat["mask"]
         kept = int(mask.sum())
@@ -952,15 +995,19 @@ class Learner:
         args, dev = self.args, self.device
         with self.accelerator.autocast():
             out = self.policy.evaluate(mb["images"].to(dev), mb["instruction"].to(dev), mb["action_tokens"].to(dev))
-        logp = out["logp"].float().flatten(1)  # (B, tokens)
-        behaviour_logp = mb["logp"].to(dev).flatten(1)
-        adv = mb["advantages"].to(dev)[:, None]
+        # Only tokens that acted count: steps the env executed (a chunk stops at the episode's end) and
+        # dimensions it uses. The others cannot change the reward, so their terms only add variance.
+        tokens = effective_tokens(mb["env_steps"].to(dev), args.policy.chunk_len, self.active_dims.to(dev))
+        n_tokens = tokens.sum().clamp_min(1)
+        logp = out["logp"].float()[tokens]
+        behaviour_logp = mb["logp"].to(dev)[tokens]
+        adv = mb["advantages"].to(dev)[:, None, None].expand_as(tokens)[tokens]
         per_token, diag = policy_objective(args.loss, logp, behaviour_logp, adv, args)
-        pg_loss = per_token.mean()
-        # KL(behaviour || current) over the full 256-way categorical of every token
-        b_logp_all = mb["log_probs"].to(dev).float()
-        kl = (b_logp_all.exp() * (b_logp_all - out["log_probs"].float())).sum(-1).mean()
-        entropy = out["entropy"].float().mean()
+        pg_loss = per_token.sum() / n_tokens
+        # KL(behaviour || current) over the full 256-way categorical of every such token
+        b_logp_all = mb["log_probs"].to(dev).float()[tokens]
+        kl = (b_logp_all.exp() * (b_logp_all - out["log_probs"].float()[tokens])).sum(-1).sum() / n_tokens
+        entropy = out["entropy"].float()[tokens].sum() / n_tokens
         value_loss = (out["value"].float() - mb["returns"].to(dev)).square().mean()
         loss = pg_loss + args.kl_coef * kl - args.ent_coef * entropy + args.vf_coef * value_loss
         self.optimizer.zero_grad(set_to_none=True)
@@ -1126,7 +1173,7 @@ class Run:
                                                     poll, self.first_eval_segment + j, self.run_dir / "videos")
         builders["inference"] = _Builder(InferenceServer, args, shared, chan, poll, self.inference_device)
         if not args.eval_only:
-            builders["learner"] = _Builder(Learner, args, shared, chan, poll, self.learner_device, self.run_dir,
+            builders["learner"] = _Builder(Learner, args, spec, shared, chan, poll, self.learner_device, self.run_dir,
                                            self.resume_from)
         return builders
 

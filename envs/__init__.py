@@ -42,6 +42,10 @@ class EnvSpec:
     max_episode_steps: int
     """Truncation limit in simulator steps (the largest over the tasks, if they differ)."""
     action_dim: int = 7
+    active_action_dims: tuple[int, ...] | None = None
+    """Action dimensions that affect the env (None: all). The learner leaves the others out of the
+    policy loss: the reward cannot depend on them, so their tokens' score terms have zero mean and only
+    add variance (tabletop2d ignores the rotation dims that exist for the 7-D contract)."""
 
     @property
     def num_tasks(self) -> int:

@@ -108,7 +108,7 @@ def tabletop2d_spec(image_size: int = 128, wrist_camera: bool = False, **options
     opts = Tabletop2DOptions.parse(options)
     return EnvSpec(name="tabletop2d", instructions=INSTRUCTIONS, image_size=image_size,
                    cameras=("image", "wrist") if wrist_camera else ("image",), proprio_dim=3,
-                   max_episode_steps=opts.max_episode_steps)
+                   max_episode_steps=opts.max_episode_steps, active_action_dims=(0, 1, 6))
 
 
 @functools.lru_cache(maxsize=8)

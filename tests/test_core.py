@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from accerl import Args, compute_gae, gipo_trust_weight, lr_lambda, policy_objective
+from accerl import Args, compute_gae, effective_tokens, gipo_trust_weight, lr_lambda, policy_objective
 
 
 def reference_gae(rewards, values, bootstrap, terminated, truncated, trunc_values, gamma, lam):
@@ -142,3 +142,12 @@ def test_learning_rate_schedule_warms_up_then_decays_to_floor():
     assert f(10) == pytest.approx(1.0)
     assert f(60) == pytest.approx(0.55)
     assert f(110) == pytest.approx(0.1) and f(10_000) == pytest.approx(0.1)
+
+
+def test_effective_tokens_keep_executed_steps_of_used_dims():
+    active = torch.tensor([True, True, False, False, False, False, True])
+    mask = effective_tokens(torch.tensor([8, 3, 0]), 8, active)
+    assert mask.shape == (3, 8, 7)
+    assert mask[0].sum() == 8 * 3 and mask[1].sum() == 3 * 3  # 3 of 8 steps ran before the episode ended
+    assert not mask[1, 3:].any() and mask[1, :3][:, [0, 1, 6]].all() and not mask[:, :, 2:6].any()
+    assert mask[2].sum() == 8 * 3  # no step count recorded: every step kept

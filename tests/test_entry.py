@@ -124,3 +124,27 @@ def test_kill_9_then_resume_continues_counters_and_weights(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["global_env_step"] >= steps_at_kill + 300
     assert summary["updates"] > meta["update"]
+
+
+def test_init_policy_starts_from_saved_weights(tmp_path):
+    """sft.py's output (a VLAPolicy.save directory) seeds a new run: the run's checkpoint before any update
+    holds exactly the saved weights; a camera mismatch is refused before anything is spawned."""
+    import torch
+
+    from vla_policy import PolicyConfig, VLAPolicy
+
+    sizes = dict(zip([a[len("--policy."):].replace("-", "_") for a in TINY[::2]], [int(v) for v in TINY[1::2]]))
+    torch.manual_seed(123)
+    saved = VLAPolicy(PolicyConfig(**sizes))
+    saved.save(str(tmp_path / "policy"))
+    run_dir = tmp_path / "run"
+    cmd = accerl(run_dir, "--mode", "serial", "--total-env-steps", "8", "--init-policy", str(tmp_path / "policy"),
+                 "--final-eval-episodes", "0")
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    model, _, _, meta = ckpt.load_checkpoint(ckpt.resolve_checkpoint(str(run_dir)))
+    assert meta["update"] == 0
+    for name, tensor in saved.state_dict().items():
+        assert torch.equal(model[name], tensor), name
+    result = subprocess.run([*cmd, "--wrist-camera"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "--wrist-camera" in result.stderr

@@ -140,7 +140,7 @@ def test_resume_restores_counters_weights_optimizer_and_continues(tmp_path):
     args2 = tiny_args(tmp_path, resume=str(run.run_dir), total_env_steps=800)
     run2 = Run(args2)
     run2.build(serial=True)
-    learner = Learner(args2, run2.shared, run2.chan, 0.0, "cpu", run2.run_dir, run2.resume_from)
+    learner = Learner(args2, run2.spec, run2.shared, run2.chan, 0.0, "cpu", run2.run_dir, run2.resume_from)
     for name, tensor in learner.policy.state_dict().items():
         torch.testing.assert_close(tensor, model[name], rtol=0, atol=0, msg=name)
     state = learner.optimizer.state_dict()
