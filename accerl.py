@@ -33,7 +33,7 @@ import traceback
 from collections import defaultdict, deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
@@ -46,9 +46,13 @@ from pipeline import Counters, Heartbeats, RolloutStorage, StorageShape, TimedGe
 from vla_policy import InstructionTokenizer, PolicyConfig, VLAPolicy
 
 
+# Args (below) nests one small dataclass per group, so that --help shows one box per group. The groups are
+# marked tyro.conf.OmitArgPrefixes: their flags stay flat (--seed, not --experiment.seed), while code names
+# the group (args.experiment.seed). The policy's flags keep their prefix (--policy.hidden).
+
+
 @dataclass
-class Args:
-    # --- experiment --------------------------------------------------------------------------------
+class ExperimentArgs:
     exp_name: str = "accerl"
     """Name of the experiment; part of the run name."""
     seed: int = 1
@@ -80,7 +84,9 @@ class Args:
     log_every_s: float = 10.0
     """Seconds between progress lines."""
 
-    # --- env ---------------------------------------------------------------------------------------
+
+@dataclass
+class EnvArgs:
     task: str = "tabletop2d"
     """tabletop2d | libero_spatial | libero_object | libero_goal | libero_10 | libero_90; '/<i>' pins one task."""
     wrist_camera: bool = False
@@ -95,11 +101,9 @@ class Args:
     """LIBERO training episodes start from freshly sampled placements (default) or the suite's fixed
     initial states (which evaluation always uses: training on them leaks the test set)."""
 
-    # --- policy ------------------------------------------------------------------------------------
-    policy: PolicyConfig = field(default_factory=PolicyConfig)
-    """The VLA policy (vla_policy.py)."""
 
-    # --- workers -----------------------------------------------------------------------------------
+@dataclass
+class WorkersArgs:
     num_env_workers: int = 2
     """Env worker processes (CPU, no model)."""
     envs_per_worker: int = 2
@@ -125,7 +129,13 @@ class Args:
     eval_episodes_per_task: int = 50
     """--eval-only: episodes per task (LIBERO: one per fixed initial state, 50 in the suites)."""
 
-    # --- algorithm ---------------------------------------------------------------------------------
+    # derived (set by derive_and_check after parsing)
+    num_envs: int = 0
+    """Derived: num_env_workers x envs_per_worker."""
+
+
+@dataclass
+class AlgorithmArgs:
     loss: Literal["gipo", "ppo-clip", "sapo", "no-clip"] = "gipo"
     """Policy objective per action token (reference.md section 4)."""
     gipo_sigma: float = 1.0
@@ -174,72 +184,82 @@ class Args:
     """bf16 autocast in inference and learner (heads and log-probs stay fp32); also on CPU, where
     avx512_bf16 makes the default policy 1.3-1.6x faster (platform.md)."""
 
-    # --- derived (set after parsing) ---------------------------------------------------------------
-    num_envs: int = 0
-    """Derived: num_env_workers x envs_per_worker."""
+
+@dataclass
+class Args:
+    experiment: Annotated[ExperimentArgs, tyro.conf.OmitArgPrefixes] = field(default_factory=ExperimentArgs)
+    """What to run and where: name, seed, run directory, resume / evaluate, budget, devices."""
+    env: Annotated[EnvArgs, tyro.conf.OmitArgPrefixes] = field(default_factory=EnvArgs)
+    """The simulator: task suite, cameras, simulated step cost (envs/)."""
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    """The VLA policy (vla_policy.py)."""
+    workers: Annotated[WorkersArgs, tyro.conf.OmitArgPrefixes] = field(default_factory=WorkersArgs)
+    """Processes and their batching: env / eval workers, inference batches, segments, evaluation rounds."""
+    algorithm: Annotated[AlgorithmArgs, tyro.conf.OmitArgPrefixes] = field(default_factory=AlgorithmArgs)
+    """The RL update: objective (GIPO / PPO-clip / SAPO), GAE, coefficients, optimiser, schedule."""
 
 
 def derive_and_check(args: Args) -> Args:
     """Derived fields and every check that can fail before a process is spawned."""
     problems = []
-    family, index = parse_task(args.task)  # raises on a malformed task
-    if args.num_env_workers < 1 and not args.eval_only:
+    family, index = parse_task(args.env.task)  # raises on a malformed task
+    if args.workers.num_env_workers < 1 and not args.experiment.eval_only:
         problems.append("--num-env-workers must be >= 1")
-    if args.envs_per_worker < 1:
+    if args.workers.envs_per_worker < 1:
         problems.append("--envs-per-worker must be >= 1")
-    if args.segment_len < 2:
+    if args.workers.segment_len < 2:
         problems.append("--segment-len must be >= 2")
-    if args.segments_per_update < 1:
+    if args.workers.segments_per_update < 1:
         problems.append("--segments-per-update must be >= 1")
-    if args.eval_only and not args.checkpoint:
+    if args.experiment.eval_only and not args.experiment.checkpoint:
         problems.append("--eval-only needs --checkpoint DIR (a run directory or a checkpoint)")
-    if args.eval_only and args.num_eval_workers < 1:
+    if args.experiment.eval_only and args.workers.num_eval_workers < 1:
         problems.append("--eval-only needs --num-eval-workers >= 1")
-    if args.resume and args.eval_only:
+    if args.experiment.resume and args.experiment.eval_only:
         problems.append("--resume and --eval-only exclude each other")
-    if args.init_policy and (args.resume or args.eval_only):
+    if args.experiment.init_policy and (args.experiment.resume or args.experiment.eval_only):
         problems.append("--init-policy starts a new training run: drop --resume / --eval-only (a resumed run "
                         "keeps its own weights; --eval-only reads --checkpoint)")
-    if args.gipo_sigma <= 0:
+    if args.algorithm.gipo_sigma <= 0:
         problems.append("--gipo-sigma must be > 0")
-    if args.max_batch < 1 or args.batch_timeout_ms < 0:
+    if args.workers.max_batch < 1 or args.workers.batch_timeout_ms < 0:
         problems.append("--max-batch must be >= 1 and --batch-timeout-ms >= 0")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        problems.append(f"--device {args.device} but torch sees no CUDA device (use --device cpu)")
+    if args.experiment.device.startswith("cuda") and not torch.cuda.is_available():
+        problems.append(f"--device {args.experiment.device} but torch sees no CUDA device (use --device cpu)")
     try:
-        options = json.loads(args.env_options)
+        options = json.loads(args.env.env_options)
         if not isinstance(options, dict):
             raise ValueError("not a JSON object")
     except ValueError as exc:
-        problems.append(f"--env-options {args.env_options!r} is not a JSON object ({exc}); "
+        problems.append(f"--env-options {args.env.env_options!r} is not a JSON object ({exc}); "
                         """example: --env-options '{"layout": "free"}'""")
     if problems:
         raise SystemExit("accerl: bad arguments:\n  " + "\n  ".join(problems))
     try:  # builds no simulator: checks the task name and the env options before anything is spawned
-        spec = env_spec(args.task, image_size=args.policy.image_size, wrist_camera=args.wrist_camera,
+        spec = env_spec(args.env.task, image_size=args.policy.image_size, wrist_camera=args.env.wrist_camera,
                         **env_options(args))
     except (TypeError, ValueError) as exc:
-        raise SystemExit(f"accerl: bad env options for --task {args.task}: {exc}")
-    if args.init_policy:
-        args.policy = load_policy_config(args.init_policy)
-        if args.policy.num_cameras != (2 if args.wrist_camera else 1):
-            raise SystemExit(f"accerl: --init-policy {args.init_policy} sees {args.policy.num_cameras} camera(s); "
-                             f"{'drop' if args.wrist_camera else 'add'} --wrist-camera to match it")
+        raise SystemExit(f"accerl: bad env options for --task {args.env.task}: {exc}")
+    if args.experiment.init_policy:
+        args.policy = load_policy_config(args.experiment.init_policy)
+        if args.policy.num_cameras != (2 if args.env.wrist_camera else 1):
+            raise SystemExit(f"accerl: --init-policy {args.experiment.init_policy} sees {args.policy.num_cameras} "
+                             f"camera(s); {'drop' if args.env.wrist_camera else 'add'} --wrist-camera to match it")
     # instructions must fit whole (LIBERO's run to ~100 bytes): a cut instruction can hide the goal
     longest = max(InstructionTokenizer().num_tokens(text) for text in spec.instructions)
-    if longest > args.policy.max_instruction_tokens and args.init_policy:
-        raise SystemExit(f"accerl: the instructions of {args.task} need {longest} tokens, the policy in "
+    if longest > args.policy.max_instruction_tokens and args.experiment.init_policy:
+        raise SystemExit(f"accerl: the instructions of {args.env.task} need {longest} tokens, the policy in "
                          f"--init-policy takes {args.policy.max_instruction_tokens}: train it with "
                          f"--policy.max-instruction-tokens {longest}")
-    if longest > args.policy.max_instruction_tokens and not (args.resume or args.eval_only):
+    if longest > args.policy.max_instruction_tokens and not (args.experiment.resume or args.experiment.eval_only):
         log("main", f"--policy.max-instruction-tokens {args.policy.max_instruction_tokens} -> {longest} "
-                    f"(the longest instruction of {args.task})")
+                    f"(the longest instruction of {args.env.task})")
         args.policy.max_instruction_tokens = longest
-    args.num_envs = args.num_env_workers * args.envs_per_worker
-    if args.mode == "sync":
+    args.workers.num_envs = args.workers.num_env_workers * args.workers.envs_per_worker
+    if args.experiment.mode == "sync":
         # lockstep: every env contributes one segment per update, collected with one policy version
-        args.segments_per_update = args.num_envs
-    args.policy.num_cameras = 2 if args.wrist_camera else 1
+        args.workers.segments_per_update = args.workers.num_envs
+    args.policy.num_cameras = 2 if args.env.wrist_camera else 1
     return args
 
 
@@ -254,21 +274,21 @@ def load_policy_config(directory: str) -> PolicyConfig:
 
 
 def resolve_devices(args: Args) -> tuple[str, str]:
-    learner = args.device
+    learner = args.experiment.device
     if learner == "auto":
         learner = "cuda:0" if torch.cuda.is_available() else "cpu"
-    inference = args.inference_device or learner
+    inference = args.experiment.inference_device or learner
     # "cuda" means the first GPU: processes pin an explicit index
     return tuple(d + ":0" if d == "cuda" else d for d in (learner, inference))
 
 
 def env_options(args: Args) -> dict:
-    family, _ = parse_task(args.task)
-    extra = json.loads(args.env_options)
+    family, _ = parse_task(args.env.task)
+    extra = json.loads(args.env.env_options)
     if family == "tabletop2d":
-        return {"step_cost_ms": args.step_cost_ms, "step_cost_kind": args.step_cost_kind, **extra}
-    options = {"init_states": args.init_states}
-    inference = args.inference_device or args.device
+        return {"step_cost_ms": args.env.step_cost_ms, "step_cost_kind": args.env.step_cost_kind, **extra}
+    options = {"init_states": args.env.init_states}
+    inference = args.experiment.inference_device or args.experiment.device
     if inference.startswith("cuda") or (inference == "auto" and torch.cuda.is_available()):
         # render on the inference GPU, found by its CUDA index in EGL's own device order
         options["render_cuda_device"] = int(inference.split(":")[1]) if ":" in inference else 0
@@ -346,23 +366,24 @@ class EnvWorker:
                  seed_offset: int = 0):
         self.rank, self.args, self.spec, self.shared, self.chan, self.poll_s = rank, args, spec, shared, chan, poll_s
         self.name = f"env_worker_{rank}"
-        self.T = args.segment_len
+        self.T = args.workers.segment_len
         self.seed_offset = seed_offset
-        self.rng = np.random.default_rng(derive_seed(args.seed, 1, rank, seed_offset))
+        self.rng = np.random.default_rng(derive_seed(args.experiment.seed, 1, rank, seed_offset))
         self.curriculum = TaskCurriculum(spec.num_tasks, self.rng)
-        self.pinned_task = parse_task(args.task)[1]
+        self.pinned_task = parse_task(args.env.task)[1]
         tokenizer = InstructionTokenizer()
         self.instructions = tokenizer.encode(list(spec.instructions), args.policy.max_instruction_tokens)
-        self.getter = TimedGet(self.name, args.wait_timeout_s)
-        self.envs = [EnvState(env=self._build_env(i, 0)) for i in range(args.envs_per_worker)]
+        self.getter = TimedGet(self.name, args.workers.wait_timeout_s)
+        self.envs = [EnvState(env=self._build_env(i, 0)) for i in range(args.workers.envs_per_worker)]
         self.sim_s, self.last_report = 0.0, time.perf_counter()
         for i in range(len(self.envs)):
             self._start_first_segment(i)
 
     # -- env life cycle --------------------------------------------------------------------------
     def _build_env(self, index: int, restart: int):
-        return make_env(self.args.task, image_size=self.args.policy.image_size, wrist_camera=self.args.wrist_camera,
-                        seed=derive_seed(self.args.seed, 1, self.rank, index, restart, self.seed_offset),
+        return make_env(self.args.env.task, image_size=self.args.policy.image_size,
+                        wrist_camera=self.args.env.wrist_camera,
+                        seed=derive_seed(self.args.experiment.seed, 1, self.rank, index, restart, self.seed_offset),
                         **env_options(self.args))
 
     def _reset(self, i: int) -> dict:
@@ -392,11 +413,12 @@ class EnvWorker:
                                               self.instructions[e.task_id], e.task_id)
 
     def _request(self, i: int, rows: tuple[int, ...]) -> None:
-        self.chan.requests.put((self.rank, i, self.envs[i].segment, rows, False), timeout=self.args.wait_timeout_s)
+        self.chan.requests.put((self.rank, i, self.envs[i].segment, rows, False),
+                               timeout=self.args.workers.wait_timeout_s)
 
     # -- the loop --------------------------------------------------------------------------------
     def step(self) -> None:
-        if self.args.mode == "sync":
+        if self.args.experiment.mode == "sync":
             self._resume_envs_with_new_weights()
         if time.perf_counter() - self.last_report > 5.0:
             self._report()
@@ -410,7 +432,7 @@ class EnvWorker:
         row = rows[0]
         if row == self.T:  # the bootstrap row is evaluated: the segment is complete
             row = self._finish_segment(i)
-            if self.args.mode == "sync":
+            if self.args.experiment.mode == "sync":
                 e.awaiting_version = self.shared.weights.published_version() + 1
                 return
         self._execute_chunk(i, row)
@@ -427,7 +449,7 @@ class EnvWorker:
         e, storage = self.envs[i], self.shared.storage
         new_segment = self._take_free_segment()
         storage.copy_row((e.segment, self.T), (new_segment, 0))
-        self.chan.full_segments.put(e.segment, timeout=self.args.wait_timeout_s)
+        self.chan.full_segments.put(e.segment, timeout=self.args.workers.wait_timeout_s)
         e.segment, e.episode_start_row = new_segment, 0
         return 0
 
@@ -517,7 +539,7 @@ class EvalWorker:
         self.instructions = tokenizer.encode(list(spec.instructions), args.policy.max_instruction_tokens)
         self.restarts = 0
         self.env = self._build_env(0)
-        self.getter = TimedGet(self.name, args.wait_timeout_s)
+        self.getter = TimedGet(self.name, args.workers.wait_timeout_s)
         self.job = None
         self.video_dir, self.video_frames = video_dir, video_frames
         self.recorded: set[tuple[int, int]] = set()
@@ -527,8 +549,9 @@ class EvalWorker:
         options = env_options(self.args)
         if "init_states" in options:
             options["init_states"] = "fixed"  # evaluation always uses the suite's fixed initial states
-        return make_env(parse_task(self.args.task)[0], image_size=self.args.policy.image_size,
-                        wrist_camera=self.args.wrist_camera, seed=derive_seed(self.args.seed, 2, self.rank, restart),
+        return make_env(parse_task(self.args.env.task)[0], image_size=self.args.policy.image_size,
+                        wrist_camera=self.args.env.wrist_camera,
+                        seed=derive_seed(self.args.experiment.seed, 2, self.rank, restart),
                         **options)
 
     def step(self) -> None:
@@ -597,7 +620,7 @@ class EvalWorker:
     def _observe(self, obs: dict) -> None:
         self.shared.storage.write_observation(self.segment, 0, obs, self.spec.cameras,
                                               self.instructions[self.task_id], self.task_id)
-        self.chan.requests.put((self.client, 0, self.segment, (0,), True), timeout=self.args.wait_timeout_s)
+        self.chan.requests.put((self.client, 0, self.segment, (0,), True), timeout=self.args.workers.wait_timeout_s)
 
     def close(self) -> None:
         self.env.close()
@@ -613,7 +636,7 @@ class InferenceServer:
         self.args, self.shared, self.chan, self.poll_s = args, shared, chan, poll_s
         self.name = "inference"
         self.device = torch.device(device)
-        torch.manual_seed(derive_seed(args.seed, 3))
+        torch.manual_seed(derive_seed(args.experiment.seed, 3))
         with torch.device("meta"):
             policy = VLAPolicy(args.policy)
         self.policy = policy.to_empty(device=self.device).eval()
@@ -621,8 +644,8 @@ class InferenceServer:
         self.params.update(dict(self.policy.named_buffers()))
         self.version = -1
         self.pending: list[tuple[tuple, float]] = []
-        self.getter = TimedGet(self.name, args.wait_timeout_s)
-        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=args.bf16)
+        self.getter = TimedGet(self.name, args.workers.wait_timeout_s)
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=args.algorithm.bf16)
         self.perf = defaultdict(list)
         self.last_report = time.time()
         self.busy_s = 0.0
@@ -641,14 +664,14 @@ class InferenceServer:
             return
         now = time.perf_counter()
         if self.pending:
-            wait = max(0.0, self.pending[0][1] + self.args.batch_timeout_ms / 1000 - now)
+            wait = max(0.0, self.pending[0][1] + self.args.workers.batch_timeout_ms / 1000 - now)
             timeout = min(wait, self.poll_s) if self.poll_s > 0 else 0.0
         else:
             timeout = self.poll_s
         msg = self.getter.get(self.chan.requests, "env workers", timeout, idle_ok=True)
         while msg is not None:
             self.pending.append((msg, time.perf_counter()))
-            if self._rows_pending() >= self.args.max_batch * 4:
+            if self._rows_pending() >= self.args.workers.max_batch * 4:
                 break
             try:
                 msg = self.chan.requests.get_nowait()
@@ -666,18 +689,18 @@ class InferenceServer:
         if not self.pending:
             return False
         oldest_wait = time.perf_counter() - self.pending[0][1]
-        if self.args.mode == "sync":
+        if self.args.experiment.mode == "sync":
             training = sum(1 for m, _ in self.pending if not m[4])
             evals = len(self.pending) - training
-            return training >= self.args.num_envs or (evals > 0 and training == 0 and
-                                                      oldest_wait * 1000 >= self.args.batch_timeout_ms)
-        return (len(self.pending) >= self.args.max_batch
-                or oldest_wait * 1000 >= self.args.batch_timeout_ms)
+            return training >= self.args.workers.num_envs or (evals > 0 and training == 0 and
+                                                      oldest_wait * 1000 >= self.args.workers.batch_timeout_ms)
+        return (len(self.pending) >= self.args.workers.max_batch
+                or oldest_wait * 1000 >= self.args.workers.batch_timeout_ms)
 
     @torch.no_grad()
     def _flush(self) -> None:
         # sync: everything that waits goes in one batch (a partial flush would put envs out of phase)
-        limit = len(self.pending) if self.args.mode == "sync" else self.args.max_batch
+        limit = len(self.pending) if self.args.experiment.mode == "sync" else self.args.workers.max_batch
         batch, self.pending = self.pending[:limit], self.pending[limit:]
         storage = self.shared.storage
         segs = torch.tensor([m[2] for m, _ in batch for _ in m[3]])
@@ -758,7 +781,7 @@ def gipo_trust_weight(ratio: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def policy_objective(loss: str, logp: torch.Tensor, behaviour_logp: torch.Tensor, advantages: torch.Tensor,
-                     args: Args) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                     algo: AlgorithmArgs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-token surrogate loss (to be averaged over all action tokens) and its trust diagnostics.
 
     logp, behaviour_logp: (..., tokens); advantages broadcast to them (a chunk's 56 tokens share it).
@@ -768,14 +791,14 @@ def policy_objective(loss: str, logp: torch.Tensor, behaviour_logp: torch.Tensor
     no-clip:  -rho * A
     """
     ratio = torch.exp(logp - behaviour_logp)
-    w = gipo_trust_weight(ratio, args.gipo_sigma)
+    w = gipo_trust_weight(ratio, algo.gipo_sigma)
     if loss == "gipo":
         per_token = -(w * ratio * advantages)
     elif loss == "ppo-clip":
-        per_token = -torch.min(ratio * advantages, ratio.clamp(1 - args.clip_eps, 1 + args.clip_eps) * advantages)
+        per_token = -torch.min(ratio * advantages, ratio.clamp(1 - algo.clip_eps, 1 + algo.clip_eps) * advantages)
     elif loss == "sapo":
-        tau = torch.where(advantages > 0, torch.full_like(ratio, args.sapo_tau_pos),
-                          torch.full_like(ratio, args.sapo_tau_neg))
+        tau = torch.where(advantages > 0, torch.full_like(ratio, algo.sapo_tau_pos),
+                          torch.full_like(ratio, algo.sapo_tau_neg))
         per_token = -(4.0 / tau) * torch.sigmoid(tau * (ratio - 1.0)) * advantages
     elif loss == "no-clip":
         per_token = -(ratio * advantages)
@@ -794,14 +817,14 @@ def effective_tokens(env_steps: torch.Tensor, chunk_len: int, active_dims: torch
     return ran[:, :, None] & active_dims[None, None]
 
 
-def lr_lambda(args: Args):
+def lr_lambda(algo: AlgorithmArgs):
     """Linear warm-up, then cosine decay to min_lr_ratio (reference.md section 4)."""
 
     def fn(update: int) -> float:
-        if update < args.warmup_updates:
-            return (update + 1) / args.warmup_updates
-        progress = min(1.0, (update - args.warmup_updates) / max(1, args.lr_decay_updates))
-        return args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        if update < algo.warmup_updates:
+            return (update + 1) / algo.warmup_updates
+        progress = min(1.0, (update - algo.warmup_updates) / max(1, algo.lr_decay_updates))
+        return algo.min_lr_ratio + (1 - algo.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return fn
 
@@ -830,28 +853,28 @@ class Learner:
         on_cuda = device.startswith("cuda")
         if on_cuda:
             torch.cuda.set_device(torch.device(device))
-        self.accelerator = Accelerator(cpu=not on_cuda, mixed_precision="bf16" if args.bf16 else "no")
+        self.accelerator = Accelerator(cpu=not on_cuda, mixed_precision="bf16" if args.algorithm.bf16 else "no")
         self.device = self.accelerator.device
-        torch.manual_seed(args.seed)
-        random.seed(args.seed)
-        np.random.seed(args.seed % 2**32)
+        torch.manual_seed(args.experiment.seed)
+        random.seed(args.experiment.seed)
+        np.random.seed(args.experiment.seed % 2**32)
         policy = VLAPolicy(args.policy)
         optimizer = torch.optim.AdamW(
-            [{"params": policy.policy_parameters(), "lr": args.policy_lr, "name": "policy"},
-             {"params": policy.value_parameters(), "lr": args.value_lr, "name": "value"}],
-            weight_decay=args.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [lr_lambda(args), lr_lambda(args)])
+            [{"params": policy.policy_parameters(), "lr": args.algorithm.policy_lr, "name": "policy"},
+             {"params": policy.value_parameters(), "lr": args.algorithm.value_lr, "name": "value"}],
+            weight_decay=args.algorithm.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [lr_lambda(args.algorithm)] * 2)
         self.policy, self.optimizer = self.accelerator.prepare(policy, optimizer)
         self.update = 0
         if resume_from is not None:
             self._load(resume_from)
-        elif args.init_policy:  # weights only: the architecture came from the same directory
+        elif args.experiment.init_policy:  # weights only: the architecture came from the same directory
             from safetensors.torch import load_file
 
-            weights = load_file(str(Path(args.init_policy) / "model.safetensors"))
+            weights = load_file(str(Path(args.experiment.init_policy) / "model.safetensors"))
             self.accelerator.unwrap_model(self.policy).load_state_dict(weights, strict=True)
-            log(self.name, f"policy initialised from {args.init_policy}")
-        self.getter = TimedGet(self.name, args.wait_timeout_s)
+            log(self.name, f"policy initialised from {args.experiment.init_policy}")
+        self.getter = TimedGet(self.name, args.workers.wait_timeout_s)
         self.segments: list[int] = []
         self.last_update_time = time.perf_counter()
         self.publish(trainable_only=False)
@@ -885,7 +908,7 @@ class Learner:
         if seg is None:
             return
         self.segments.append(seg)
-        if len(self.segments) < self.args.segments_per_update:
+        if len(self.segments) < self.args.workers.segments_per_update:
             return
         segments, self.segments = self.segments, []
         batch = self._assemble(segments)
@@ -899,12 +922,13 @@ class Learner:
         metrics["charts/update"] = self.update
         self.last_update_time = now
         self.chan.stats.put(("update", self.name, metrics))
-        if self.args.checkpoint_every_updates and self.update % self.args.checkpoint_every_updates == 0:
+        every = self.args.experiment.checkpoint_every_updates
+        if every and self.update % every == 0:
             self.save()
 
     def _assemble(self, segments: list[int]) -> dict[str, torch.Tensor]:
         """Copy the segments out of shared memory, then hand the slots back to the env workers."""
-        storage, T = self.shared.storage, self.args.segment_len
+        storage, T = self.shared.storage, self.args.workers.segment_len
         idx = torch.tensor(segments)
         # indexing with a tensor copies; rows 0..T only (row T + 1 is scratch space)
         batch = {name: storage.fields[name][idx, : T + 1] for name in (
@@ -921,8 +945,8 @@ class Learner:
         lag = self.update - batch["version"]
         batch["lag"] = lag
         mask = batch["valid"].clone()
-        if self.args.max_policy_lag is not None:
-            mask &= lag <= self.args.max_policy_lag
+        if self.args.algorithm.max_policy_lag is not None:
+            mask &= lag <= self.args.algorithm.max_policy_lag
         batch["mask"] = mask
         return batch
 
@@ -939,11 +963,12 @@ class Learner:
         args = self.args
         N, T = batch["reward"].shape
         values, bootstrap = batch["value"], batch["bootstrap_value"]
-        if args.recompute_value:
+        if args.algorithm.recompute_value:
             values = self._values(batch["images"].flatten(0, 1), batch["instruction"].flatten(0, 1)).view(N, T)
             bootstrap = self._values(batch["bootstrap_images"], batch["bootstrap_instruction"])
         advantages, returns = compute_gae(batch["reward"], values, bootstrap, batch["terminated"],
-                                          batch["truncated"], batch["trunc_value"], args.gamma, args.gae_lambda)
+                                          batch["truncated"], batch["trunc_value"], args.algorithm.gamma,
+                                          args.algorithm.gae_lambda)
         flat = {k: batch[k].flatten(0, 1) for k in ("images", "instruction", "action_tokens", "logp", "log_probs",
                                                      "mask", "lag", "env_steps")}
         flat["advantages"], flat["returns"], flat["values"] = advantages.flatten(), returns.flatten(), values.flatten()
@@ -951,7 +976,7 @@ class Learner:
         kept = int(mask.sum())
         if kept == 0:
             return {"charts/samples_kept_fraction": 0.0}
-        if args.norm_adv:
+        if args.algorithm.norm_adv:
             a = flat["advantages"][mask]
             flat["advantages"] = (flat["advantages"] - a.mean()) / (a.std(unbiased=False) + 1e-8)
 
@@ -959,9 +984,9 @@ class Learner:
         sums: dict[str, list[float]] = defaultdict(list)
         diagnostics: dict[str, list[torch.Tensor]] = defaultdict(list)
         order = torch.nonzero(mask).squeeze(1)
-        for _ in range(args.update_epochs):
+        for _ in range(args.algorithm.update_epochs):
             order = order[torch.randperm(len(order))]
-            for mb in order.chunk(args.num_minibatches):
+            for mb in order.chunk(args.algorithm.num_minibatches):
                 metrics, diag = self._minibatch_step({k: v[mb] for k, v in flat.items()})
                 for k, v in metrics.items():
                     sums[k].append(v)
@@ -1002,17 +1027,18 @@ class Learner:
         logp = out["logp"].float()[tokens]
         behaviour_logp = mb["logp"].to(dev)[tokens]
         adv = mb["advantages"].to(dev)[:, None, None].expand_as(tokens)[tokens]
-        per_token, diag = policy_objective(args.loss, logp, behaviour_logp, adv, args)
+        per_token, diag = policy_objective(args.algorithm.loss, logp, behaviour_logp, adv, args.algorithm)
         pg_loss = per_token.sum() / n_tokens
         # KL(behaviour || current) over the full 256-way categorical of every such token
         b_logp_all = mb["log_probs"].to(dev).float()[tokens]
         kl = (b_logp_all.exp() * (b_logp_all - out["log_probs"].float()[tokens])).sum(-1).sum() / n_tokens
         entropy = out["entropy"].float()[tokens].sum() / n_tokens
         value_loss = (out["value"].float() - mb["returns"].to(dev)).square().mean()
-        loss = pg_loss + args.kl_coef * kl - args.ent_coef * entropy + args.vf_coef * value_loss
+        algo = args.algorithm
+        loss = pg_loss + algo.kl_coef * kl - algo.ent_coef * entropy + algo.vf_coef * value_loss
         self.optimizer.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
-        grad_norm = self.accelerator.clip_grad_norm_(self.policy.parameters(), args.max_grad_norm)
+        grad_norm = self.accelerator.clip_grad_norm_(self.policy.parameters(), args.algorithm.max_grad_norm)
         self.optimizer.step()
         metrics = {"losses/policy_loss": pg_loss.item(), "losses/value_loss": value_loss.item(),
                    "losses/kl": kl.item(), "losses/entropy": entropy.item(), "losses/total": loss.item(),
@@ -1031,7 +1057,7 @@ def software_versions(args: Args) -> dict[str, str]:
 
     versions = {"python": sys.version.split()[0], "torch": torch.__version__}
     names = ["transformers", "accelerate"]
-    if parse_task(args.task)[0].startswith("libero"):
+    if parse_task(args.env.task)[0].startswith("libero"):
         names += ["mujoco", "robosuite", "libero", "bddl"]
     for name in names:
         try:
@@ -1091,12 +1117,13 @@ class Run:
 
     def __init__(self, args: Args):
         self.args = args
-        self.spec = env_spec(args.task, image_size=args.policy.image_size, wrist_camera=args.wrist_camera,
+        self.spec = env_spec(args.env.task, image_size=args.policy.image_size, wrist_camera=args.env.wrist_camera,
                              **env_options(args))
         self.learner_device, self.inference_device = resolve_devices(args)
-        self.resume_from = ckpt.resolve_checkpoint(args.resume) if args.resume else None
+        self.resume_from = ckpt.resolve_checkpoint(args.experiment.resume) if args.experiment.resume else None
         self.resume_meta = json.loads((self.resume_from / "meta.json").read_text()) if self.resume_from else None
-        source = self.resume_from or (ckpt.resolve_checkpoint(args.checkpoint) if args.eval_only else None)
+        source = self.resume_from or (
+            ckpt.resolve_checkpoint(args.experiment.checkpoint) if args.experiment.eval_only else None)
         if source is not None:  # the policy's architecture is the checkpoint's, whatever the flags say
             saved = json.loads((source / "meta.json").read_text())["args"]["policy"]
             args.policy = PolicyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
@@ -1108,25 +1135,26 @@ class Run:
         self.final_eval: dict | None = None
         self.episode_window = deque(maxlen=100)
         self.flow_started, self.steady_from, self.train_end = None, None, None
-        self.warmup_s = min(10.0, args.max_seconds / 6) if args.max_seconds else 10.0
+        self.warmup_s = min(10.0, args.experiment.max_seconds / 6) if args.experiment.max_seconds else 10.0
         self.learner_rates: list[float] = []
 
     def _run_dir(self) -> Path:
         args = self.args
         if self.resume_from is not None:
             return self.resume_from.parent.parent
-        if args.run_dir:
-            return Path(args.run_dir)
-        name = f"{args.task.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        exp = args.experiment
+        if exp.run_dir:
+            return Path(exp.run_dir)
+        name = f"{args.env.task.replace('/', '-')}__{exp.exp_name}__{exp.seed}__{int(time.time())}"
         return Path("runs") / name
 
     # -- wiring ----------------------------------------------------------------------------------
     def build(self, serial: bool) -> None:
         args, spec = self.args, self.spec
-        num_train = 0 if args.eval_only else args.num_envs
-        num_segments = num_train + args.segments_per_update * 2 + args.num_eval_workers
-        self.first_eval_segment = num_segments - args.num_eval_workers
-        shape = StorageShape(num_segments=num_segments, segment_len=args.segment_len,
+        num_train = 0 if args.experiment.eval_only else args.workers.num_envs
+        num_segments = num_train + args.workers.segments_per_update * 2 + args.workers.num_eval_workers
+        self.first_eval_segment = num_segments - args.workers.num_eval_workers
+        shape = StorageShape(num_segments=num_segments, segment_len=args.workers.segment_len,
                              num_cameras=len(spec.cameras), image_size=args.policy.image_size,
                              proprio_dim=spec.proprio_dim, instruction_len=args.policy.max_instruction_tokens,
                              chunk_len=args.policy.chunk_len, action_dim=args.policy.action_dim,
@@ -1137,18 +1165,19 @@ class Run:
             skeleton = VLAPolicy(args.policy)
         weights = WeightBroadcast({n: torch.zeros(t.shape, dtype=t.dtype)
                                    for n, t in published_tensors(skeleton, trainable_only=False).items()}, share=share)
-        self.names = ([f"env_worker_{i}" for i in range(0 if args.eval_only else args.num_env_workers)]
-                      + [f"eval_worker_{j}" for j in range(args.num_eval_workers)] + ["inference"]
-                      + ([] if args.eval_only else ["learner"]))
+        num_env_workers = 0 if args.experiment.eval_only else args.workers.num_env_workers
+        self.names = ([f"env_worker_{i}" for i in range(num_env_workers)]
+                      + [f"eval_worker_{j}" for j in range(args.workers.num_eval_workers)] + ["inference"]
+                      + ([] if args.experiment.eval_only else ["learner"]))
         counters = Counters(len(self.names), share=share)
         heartbeats = Heartbeats(self.names, share=share)
         ctx = mp.get_context("spawn")
         make_q = (lambda n: queue.Queue(maxsize=n)) if serial else (lambda n: ctx.Queue(maxsize=n))
         make_event = threading.Event if serial else ctx.Event
-        clients = args.num_env_workers + args.num_eval_workers
+        clients = args.workers.num_env_workers + args.workers.num_eval_workers
         self.chan = Channels(
-            requests=make_q(args.num_envs + args.num_eval_workers + 8),
-            actions=[make_q(args.envs_per_worker + 2) for _ in range(clients)],
+            requests=make_q(args.workers.num_envs + args.workers.num_eval_workers + 8),
+            actions=[make_q(args.workers.envs_per_worker + 2) for _ in range(clients)],
             free_segments=make_q(num_segments + 1), full_segments=make_q(num_segments + 1),
             eval_jobs=make_q(100_000), stats=make_q(100_000))
         self.shared = Shared(storage, weights, counters, heartbeats, make_event(), make_event())
@@ -1157,22 +1186,23 @@ class Run:
         if self.resume_meta is not None:
             counters.restore(self.resume_meta["counters"])
         log("main", f"shared storage {storage.nbytes() / 2**20:.0f} MiB: {num_segments} segments x "
-                    f"{args.segment_len + 2} rows; weights {sum(t.numel() for t in weights.tensors.values()) / 1e6:.2f} M")
+                    f"{args.workers.segment_len + 2} rows; "
+                    f"weights {sum(t.numel() for t in weights.tensors.values()) / 1e6:.2f} M")
 
     def role_builders(self, serial: bool) -> dict[str, object]:
         """name -> zero-argument constructor of that role (called inside the role's process)."""
         args, spec, shared, chan = self.args, self.spec, self.shared, self.chan
         poll = 0.0 if serial else 0.05
         builders = {}
-        if not args.eval_only:
-            for i in range(args.num_env_workers):
+        if not args.experiment.eval_only:
+            for i in range(args.workers.num_env_workers):
                 builders[f"env_worker_{i}"] = _Builder(EnvWorker, i, args, spec, shared, chan, poll,
                                                        self.resume_update())
-        for j in range(args.num_eval_workers):
-            builders[f"eval_worker_{j}"] = _Builder(EvalWorker, j, args.num_env_workers + j, args, spec, shared, chan,
-                                                    poll, self.first_eval_segment + j, self.run_dir / "videos")
+        for j in range(args.workers.num_eval_workers):
+            builders[f"eval_worker_{j}"] = _Builder(EvalWorker, j, args.workers.num_env_workers + j, args, spec, shared,
+                                                    chan, poll, self.first_eval_segment + j, self.run_dir / "videos")
         builders["inference"] = _Builder(InferenceServer, args, shared, chan, poll, self.inference_device)
-        if not args.eval_only:
+        if not args.experiment.eval_only:
             builders["learner"] = _Builder(Learner, args, spec, shared, chan, poll, self.learner_device, self.run_dir,
                                            self.resume_from)
         return builders
@@ -1188,10 +1218,12 @@ class Run:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         purge = self.shared.counters.total("global_env_step") if self.resume_from else None
         self.writer = SummaryWriter(str(self.run_dir), purge_step=purge)
-        header = {"run_dir": str(self.run_dir), "mode": args.mode, "task": args.task, "tasks": self.spec.num_tasks,
-                  "env_workers": args.num_env_workers, "envs": args.num_envs, "learner_device": self.learner_device,
-                  "inference_device": self.inference_device, "loss": args.loss,
-                  "train_init_states": args.init_states if parse_task(args.task)[0].startswith("libero") else "random",
+        header = {"run_dir": str(self.run_dir), "mode": args.experiment.mode, "task": args.env.task,
+                  "tasks": self.spec.num_tasks, "env_workers": args.workers.num_env_workers,
+                  "envs": args.workers.num_envs, "learner_device": self.learner_device,
+                  "inference_device": self.inference_device, "loss": args.algorithm.loss,
+                  "train_init_states": (args.env.init_states if parse_task(args.env.task)[0].startswith("libero")
+                                        else "random"),
                   "versions": software_versions(args)}
         if self.resume_from:
             header["resumed_from"] = str(self.resume_from)
@@ -1202,10 +1234,10 @@ class Run:
             (self.run_dir / "args.json").write_text(json.dumps(_jsonable(asdict(args)), indent=1))
 
     def run(self) -> int:
-        serial = self.args.mode == "serial"
+        serial = self.args.experiment.mode == "serial"
         self.build(serial)
         self.start()
-        if self.args.eval_only:
+        if self.args.experiment.eval_only:
             self._publish_checkpoint_weights()
         builders = self.role_builders(serial)
         if serial:
@@ -1213,7 +1245,7 @@ class Run:
         return self._run_processes(builders)
 
     def _publish_checkpoint_weights(self) -> None:
-        model, _, _, meta = ckpt.load_checkpoint(self.args.checkpoint)
+        model, _, _, meta = ckpt.load_checkpoint(self.args.experiment.checkpoint)
         self.shared.weights.publish(model, int(meta["update"]))
 
     def _run_processes(self, builders: dict) -> int:
@@ -1253,20 +1285,23 @@ class Run:
 
     def _training_done(self) -> bool:
         args = self.args
-        if args.eval_only:
+        if args.experiment.eval_only:
             return False
         steps = self.shared.counters.total("global_env_step")
         self._track_rate(steps)
-        return steps >= args.total_env_steps or (args.max_seconds > 0 and time.time() - self.start_time >= args.max_seconds)
+        exp = args.experiment
+        out_of_time = exp.max_seconds > 0 and time.time() - self.start_time >= exp.max_seconds
+        return steps >= exp.total_env_steps or out_of_time
 
     def _supervise(self) -> int:
         """Drain stats, log, schedule evaluations, watch children; returns the exit code."""
         args = self.args
         self.last_log = time.time()
         self.last_steps = (time.time(), self.shared.counters.total("global_env_step"))
-        if args.eval_only:
-            round_id = self._enqueue_eval_round(args.eval_episodes_per_task * self.spec.num_tasks, per_task=True)
-        next_eval_update = args.eval_every_updates
+        if args.experiment.eval_only:
+            round_id = self._enqueue_eval_round(args.workers.eval_episodes_per_task * self.spec.num_tasks,
+                                                per_task=True)
+        next_eval_update = args.workers.eval_every_updates
         while True:
             self._drain_stats()
             if self.interrupted:
@@ -1279,22 +1314,22 @@ class Run:
                     log("main", f"{name} exited early; stopping the run")
                     return 1
             silent = {n: s for n, s in self.shared.heartbeats.silent_for().items()
-                      if s > args.wait_timeout_s and self.procs[n].is_alive()}
+                      if s > args.workers.wait_timeout_s and self.procs[n].is_alive()}
             if silent:
                 log("main", f"no heartbeat for {max(silent.values()):.0f} s from {', '.join(silent)}; stopping the run")
                 return 1
-            if args.eval_only:
+            if args.experiment.eval_only:
                 if self._round_complete(round_id):
                     self.final_eval = self._close_round(round_id, final=True)
                     return 0
                 continue
             version = self.shared.weights.published_version()
-            if args.eval_every_updates and version >= next_eval_update and args.num_eval_workers:
-                self._enqueue_eval_round(args.eval_episodes)
-                next_eval_update = version + args.eval_every_updates
+            if args.workers.eval_every_updates and version >= next_eval_update and args.workers.num_eval_workers:
+                self._enqueue_eval_round(args.workers.eval_episodes)
+                next_eval_update = version + args.workers.eval_every_updates
             for rid in [r for r in self.eval_rounds if self._round_complete(r)]:
                 self._close_round(rid)
-            if time.time() - self.last_log > args.log_every_s:
+            if time.time() - self.last_log > args.experiment.log_every_s:
                 self._progress()
             if self._training_done():
                 self._progress()
@@ -1308,9 +1343,9 @@ class Run:
             self._drain_stats()
         if self.procs["learner"].exitcode not in (0, None):
             return 1
-        if self.args.num_eval_workers and self.args.final_eval_episodes and not self.interrupted:
-            rid = self._enqueue_eval_round(self.args.final_eval_episodes, per_task=False)
-            deadline = time.time() + self.args.wait_timeout_s
+        if self.args.workers.num_eval_workers and self.args.workers.final_eval_episodes and not self.interrupted:
+            rid = self._enqueue_eval_round(self.args.workers.final_eval_episodes, per_task=False)
+            deadline = time.time() + self.args.workers.wait_timeout_s
             while not self._round_complete(rid) and time.time() < deadline and not self.interrupted:
                 self._drain_stats()
                 if any(p.exitcode not in (None, 0) for p in self.procs.values()):
@@ -1343,28 +1378,29 @@ class Run:
         self.last_steps = (time.time(), 0)
         code = 0
         try:
-            if self.args.eval_only:
-                rid = self._enqueue_eval_round(self.args.eval_episodes_per_task * self.spec.num_tasks, per_task=True)
+            if self.args.experiment.eval_only:
+                rid = self._enqueue_eval_round(self.args.workers.eval_episodes_per_task * self.spec.num_tasks,
+                                               per_task=True)
             while True:
                 for name, role in roles.items():
                     if name.startswith(("env_worker", "learner")) and self.shared.train_stop.is_set():
                         continue
                     role.step()
                 self._drain_stats(timeout=0.0)
-                if self.args.eval_only:
+                if self.args.experiment.eval_only:
                     if self._round_complete(rid):
                         self.final_eval = self._close_round(rid, final=True)
                         break
                     continue
-                if time.time() - self.last_log > self.args.log_every_s:
+                if time.time() - self.last_log > self.args.experiment.log_every_s:
                     self._progress()
                 if self._training_done():
                     self.shared.train_stop.set()
                     break
-            if not self.args.eval_only:
+            if not self.args.experiment.eval_only:
                 roles["learner"].close()
-                if self.args.num_eval_workers and self.args.final_eval_episodes:
-                    rid = self._enqueue_eval_round(self.args.final_eval_episodes)
+                if self.args.workers.num_eval_workers and self.args.workers.final_eval_episodes:
+                    rid = self._enqueue_eval_round(self.args.workers.final_eval_episodes)
                     while not self._round_complete(rid):
                         for name in roles:
                             if name.startswith(("eval", "inference")):
@@ -1385,12 +1421,12 @@ class Run:
         """Jobs (round, task, seed). Episode k of task t uses seed k: LIBERO's k-th fixed initial state."""
         rid, self.next_round = self.next_round, self.next_round + 1
         tasks = range(self.spec.num_tasks)
-        pinned = parse_task(self.args.task)[1]
+        pinned = parse_task(self.args.env.task)[1]
         if pinned is not None:
             tasks = [pinned]
         jobs = []
         if per_task:
-            jobs = [(rid, t, k) for t in tasks for k in range(self.args.eval_episodes_per_task)]
+            jobs = [(rid, t, k) for t in tasks for k in range(self.args.workers.eval_episodes_per_task)]
         else:
             jobs = [(rid, t, k) for k in range(math.ceil(episodes / len(tasks))) for t in tasks][:episodes]
         for job in jobs:
@@ -1425,9 +1461,9 @@ class Run:
         return result
 
     def _write_eval_table(self, result: dict) -> None:
-        lines = [f"# Greedy evaluation: {self.args.task}", "",
+        lines = [f"# Greedy evaluation: {self.args.env.task}", "",
                  f"policy version {result['version']}, {result['episodes']} episodes, "
-                 f"{result['seconds']:.0f} s, seed {self.args.seed}", "", "| task | success |", "|---|---|"]
+                 f"{result['seconds']:.0f} s, seed {self.args.experiment.seed}", "", "| task | success |", "|---|---|"]
         lines += [f"| {name} | {100 * s:.1f} % |" for name, s in result["per_task"].items()]
         lines += [f"| **suite** | **{100 * result['success_rate']:.1f} %** |"]
         (self.run_dir / "eval_results.md").write_text("\n".join(lines) + "\n")
@@ -1449,7 +1485,7 @@ class Run:
         step = self.shared.counters.total("global_env_step")
         if kind == "error":
             log("main", f"{role} failed:\n{payload}")
-            if self.args.mode == "serial":
+            if self.args.experiment.mode == "serial":
                 raise RuntimeError(f"{role} failed")
             return
         if kind == "episode":
@@ -1498,11 +1534,11 @@ class Run:
         self.writer.add_scalar("perf/env_steps_per_s", rate, steps)
         self.writer.add_scalar("perf/chunk_steps", totals["chunk_step"], steps)
         self.writer.add_scalar("perf/env_restarts", totals["env_restarts"], steps)
-        left = self.args.total_env_steps - steps
+        left = self.args.experiment.total_env_steps - steps
         eta = left / rate if rate > 0 else float("inf")
-        if self.args.max_seconds:
-            eta = min(eta, self.args.max_seconds - (now - self.start_time))
-        pct = 100 * steps / self.args.total_env_steps
+        if self.args.experiment.max_seconds:
+            eta = min(eta, self.args.experiment.max_seconds - (now - self.start_time))
+        pct = 100 * steps / self.args.experiment.total_env_steps
         bar = "#" * int(pct / 5) + "." * (20 - int(pct / 5))
         success = float(np.mean(self.episode_window)) if self.episode_window else 0.0
         log("main", f"[{bar}] {pct:5.1f}% env steps {steps:,} | {rate:,.0f} steps/s | chunk steps "
@@ -1517,7 +1553,8 @@ class Run:
     def _write_summary(self, code: int) -> None:
         totals = self.shared.counters.totals()
         wall = time.time() - self.start_time
-        summary = {"exit_code": code, "interrupted": self.interrupted, "task": self.args.task, "mode": self.args.mode,
+        summary = {"exit_code": code, "interrupted": self.interrupted, "task": self.args.env.task,
+                   "mode": self.args.experiment.mode,
                    "final_eval_success": None if self.final_eval is None else self.final_eval["success_rate"],
                    "final_eval": self.final_eval, "global_env_step": totals["global_env_step"],
                    "chunk_step": totals["chunk_step"], "episodes": totals["episodes"],

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from accerl import Args, compute_gae, effective_tokens, gipo_trust_weight, lr_lambda, policy_objective
+from accerl import AlgorithmArgs, compute_gae, effective_tokens, gipo_trust_weight, lr_lambda, policy_objective
 
 
 def reference_gae(rewards, values, bootstrap, terminated, truncated, trunc_values, gamma, lam):
@@ -83,8 +83,8 @@ def test_gipo_loss_and_gradient_equal_float64_formula(sigma):
     old_logp = -torch.rand(B, K, generator=g) * 6
     logp = (old_logp + torch.randn(B, K, generator=g) * 0.8).requires_grad_(True)
     adv = torch.randn(B, 1, generator=g).expand(B, K)  # a chunk's advantage shared by its tokens
-    args = Args(gipo_sigma=sigma)
-    per_token, diag = policy_objective("gipo", logp, old_logp, adv, args)
+    algo = AlgorithmArgs(gipo_sigma=sigma)
+    per_token, diag = policy_objective("gipo", logp, old_logp, adv, algo)
     loss = per_token.mean()
     loss.backward()
     ref_loss, ref_grad = _reference_gipo(logp, old_logp, adv, sigma)
@@ -120,24 +120,24 @@ def test_ppo_clip_sapo_and_no_clip_match_their_formulas():
     new = old + torch.randn(64, 7, generator=g) * 0.5
     adv = torch.randn(64, 1, generator=g).expand(64, 7)
     rho = torch.exp(new - old)
-    args = Args(clip_eps=0.2, sapo_tau_pos=1.0, sapo_tau_neg=2.0)
-    ppo, _ = policy_objective("ppo-clip", new, old, adv, args)
+    algo = AlgorithmArgs(clip_eps=0.2, sapo_tau_pos=1.0, sapo_tau_neg=2.0)
+    ppo, _ = policy_objective("ppo-clip", new, old, adv, algo)
     torch.testing.assert_close(ppo, -torch.minimum(rho * adv, rho.clamp(0.8, 1.2) * adv))
-    noclip, _ = policy_objective("no-clip", new, old, adv, args)
+    noclip, _ = policy_objective("no-clip", new, old, adv, algo)
     torch.testing.assert_close(noclip, -rho * adv)
-    sapo, _ = policy_objective("sapo", new, old, adv, args)
+    sapo, _ = policy_objective("sapo", new, old, adv, algo)
     tau = torch.where(adv > 0, 1.0, 2.0)
     torch.testing.assert_close(sapo, -(4 / tau) * torch.sigmoid(tau * (rho - 1)) * adv)
     # at rho = 1 every objective has the plain policy-gradient slope A * grad log pi
     for kind in ("gipo", "ppo-clip", "sapo", "no-clip"):
         logp = old.clone().requires_grad_(True)
-        policy_objective(kind, logp, old, adv, args)[0].sum().backward()
+        policy_objective(kind, logp, old, adv, algo)[0].sum().backward()
         torch.testing.assert_close(logp.grad, -adv, msg=kind)
 
 
 def test_learning_rate_schedule_warms_up_then_decays_to_floor():
-    args = Args(warmup_updates=10, lr_decay_updates=100, min_lr_ratio=0.1)
-    f = lr_lambda(args)
+    algo = AlgorithmArgs(warmup_updates=10, lr_decay_updates=100, min_lr_ratio=0.1)
+    f = lr_lambda(algo)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(10) == pytest.approx(1.0)
     assert f(60) == pytest.approx(0.55)

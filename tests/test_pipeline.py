@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import checkpoint as ckpt
-from accerl import Args, Learner, Run, derive_and_check
+from accerl import Args, EnvArgs, ExperimentArgs, Learner, Run, WorkersArgs, derive_and_check
 from pipeline import WeightBroadcast
 from vla_policy import PolicyConfig
 
@@ -20,12 +20,16 @@ TINY_POLICY = dict(image_size=32, patch_size=8, vision_hidden=32, vision_layers=
 
 
 def tiny_args(tmp_path: Path, **overrides) -> Args:
-    base = dict(mode="serial", total_env_steps=400, num_env_workers=1, envs_per_worker=2, segment_len=8,
-                segments_per_update=2, eval_every_updates=3, eval_episodes=4, final_eval_episodes=4,
-                run_dir=str(tmp_path / "run"), log_every_s=1e9, policy=PolicyConfig(**TINY_POLICY),
-                checkpoint_every_updates=0)
-    base.update(overrides)
-    return derive_and_check(Args(**base))
+    """A tiny serial run; overrides by field name, whatever its group (as flags: total_env_steps=..., resume=...)."""
+    args = Args(experiment=ExperimentArgs(mode="serial", total_env_steps=400, run_dir=str(tmp_path / "run"),
+                                          log_every_s=1e9, checkpoint_every_updates=0),
+                policy=PolicyConfig(**TINY_POLICY),
+                workers=WorkersArgs(num_env_workers=1, envs_per_worker=2, segment_len=8, segments_per_update=2,
+                                    eval_every_updates=3, eval_episodes=4, final_eval_episodes=4))
+    for name, value in overrides.items():
+        group = next(g for g in (args.experiment, args.env, args.workers, args.algorithm) if hasattr(g, name))
+        setattr(group, name, value)
+    return derive_and_check(args)
 
 
 class RecordingQueue(queue.Queue):
@@ -118,12 +122,12 @@ def test_dropped_episode_rows_are_masked_and_cut_from_gae(tmp_path):
                      eval_every_updates=0, final_eval_episodes=0)
     run, code, _ = run_serial(args)
     st = run.shared.storage
-    invalid = ~st.valid[:, :args.segment_len]
+    invalid = ~st.valid[:, :args.workers.segment_len]
     assert invalid.any(), "the injected failures should have invalidated some rows"
     # the last dropped row of each dropped episode ends it (truncated with zero bootstrap value)
     for seg in range(st.valid.shape[0]):
         rows = torch.nonzero(invalid[seg]).flatten().tolist()
-        ends = [r for r in rows if r + 1 not in rows and r + 1 < args.segment_len]
+        ends = [r for r in rows if r + 1 not in rows and r + 1 < args.workers.segment_len]
         for r in ends:
             assert st.truncated[seg, r] and st.trunc_value[seg, r] == 0
 
@@ -195,10 +199,22 @@ def test_weight_broadcast_never_applies_a_torn_copy():
 
 def test_bad_arguments_fail_before_anything_starts(tmp_path):
     with pytest.raises(SystemExit, match="unknown --task"):
-        derive_and_check(Args(task="tabletop3d"))
+        derive_and_check(Args(env=EnvArgs(task="tabletop3d")))
     with pytest.raises(SystemExit, match="--eval-only needs --checkpoint"):
-        derive_and_check(Args(eval_only=True))
+        derive_and_check(Args(experiment=ExperimentArgs(eval_only=True)))
     with pytest.raises(SystemExit, match="max_dleta"):
-        derive_and_check(Args(env_options='{"max_dleta": 1}'))
+        derive_and_check(Args(env=EnvArgs(env_options='{"max_dleta": 1}')))
     with pytest.raises(SystemExit, match="not a JSON object"):
-        derive_and_check(Args(env_options="layout=free"))
+        derive_and_check(Args(env=EnvArgs(env_options="layout=free")))
+
+
+def test_flags_stay_flat_while_args_nest_by_group():
+    # Args nests one dataclass per group (one --help box each); OmitArgPrefixes keeps the flags' spelling
+    import tyro
+
+    args = tyro.cli(Args, args=["--seed", "3", "--task", "libero_10", "--num-env-workers", "5", "--loss", "sapo",
+                                "--no-bf16", "--policy.hidden", "64"])
+    assert (args.experiment.seed, args.env.task, args.workers.num_env_workers) == (3, "libero_10", 5)
+    assert (args.algorithm.loss, args.algorithm.bf16, args.policy.hidden) == ("sapo", False, 64)
+    with pytest.raises(SystemExit):
+        tyro.cli(Args, args=["--experiment.seed", "3"])
