@@ -88,6 +88,16 @@ class PolicyConfig:
     ResNet whose stride-32 feature map gives (image_size / 32)^2 tokens, plus a 2-D position code)."""
     resnet_widths: tuple[int, ...] = (32, 64, 128, 192)
     """ResNet stage widths (4 stages: stride 32)."""
+    instruction_slots: bool = False
+    """Add the instruction code (as for FiLM) to every action slot's input embedding, so that an action slot's
+    first attention query already asks for what the instruction names (one hop from words to image
+    regions instead of two: slot -> instruction -> image). Measured on tabletop2d (docs/RESULTS.md): no faster
+    learning, alone or with FiLM; kept for ablations."""
+    instruction_film: bool = False
+    """Condition the ResNet tower on the instruction (FiLM after every stage, as RT-1's FiLM-EfficientNet):
+    the vision tokens then already mark what the instruction names, instead of the decoder having to
+    match words to image regions across layers. The instruction code is a mean over its token embeddings
+    plus a learned position table, through an MLP; the FiLM layers start at identity. ResNet tower only."""
     vision_position_init: Literal["sincos2d", "random"] = "sincos2d"
     """Initial vision position embeddings: a 2-D sine-cosine code (where a patch is, readable from the
     start: RL from random init learns spatial tasks much faster) or SigLIP's random init. Trainable either way."""
@@ -137,6 +147,8 @@ class PolicyConfig:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if (self.image_size // self.patch_size) % self.vision_token_merge:
             raise ValueError("the patch grid side must be a multiple of vision_token_merge")
+        if self.instruction_film and self.vision_tower != "resnet":
+            raise ValueError("instruction_film conditions the ResNet tower: set vision_tower='resnet'")
         if self.max_instruction_tokens < 2:
             raise ValueError("max_instruction_tokens must leave room for bos and eos (>= 2)")
 
@@ -368,12 +380,20 @@ class VLAPolicy(nn.Module):
                 depths=[1] * len(cfg.resnet_widths), layer_type="basic", hidden_act="relu"))
             side = cfg.image_size // 2 ** (len(cfg.resnet_widths) + 1)
             self.vision_position = nn.Parameter(_sincos_2d(side, cfg.hidden) * 0.5)
+            if cfg.instruction_film:
+                self.film = nn.ModuleList(nn.Linear(cfg.hidden, 2 * width) for width in cfg.resnet_widths)
+                for layer in self.film:  # identity at init: gamma = 1 + 0, beta = 0
+                    nn.init.zeros_(layer.weight)
+                    nn.init.zeros_(layer.bias)
         else:
             self.vision = SiglipVisionModel(vision_config)
         if cfg.vision_position_init == "sincos2d" and cfg.vision_tower == "siglip":
             with torch.no_grad():
                 table = self.vision.embeddings.position_embedding.weight
                 table.copy_(_sincos_2d(cfg.image_size // cfg.patch_size, cfg.vision_hidden) * 0.5)
+        if cfg.instruction_film or cfg.instruction_slots:
+            self.instruction_position = nn.Parameter(torch.zeros(cfg.max_instruction_tokens, cfg.hidden))
+            self.instruction_encoder = nn.Sequential(nn.Linear(cfg.hidden, cfg.hidden), nn.GELU())
         # Two-layer MLP projector into the LM width, as in OpenVLA / LLaVA-1.5.
         merged_width = (cfg.resnet_widths[-1] if cfg.vision_tower == "resnet"
                         else cfg.vision_hidden * cfg.vision_token_merge ** 2)
@@ -459,7 +479,7 @@ class VLAPolicy(nn.Module):
         # uint8 stays uint8 up to here (shared memory); normalise like SigLIP (mean 0.5, std 0.5) -> [-1, 1].
         pixels = images.flatten(0, 1).permute(0, 3, 1, 2).float().mul_(2.0 / 255.0).sub_(1.0)
         if cfg.vision_tower == "resnet":
-            features = self.vision(pixel_values=pixels).last_hidden_state     # (B * cams, C, h, w)
+            features = self._resnet(pixels, instruction_tokens)              # (B * cams, C, h, w)
             vision = self.projector(features.flatten(2).transpose(1, 2)) + self.vision_position
             vision = vision.reshape(batch, cfg.vision_tokens, cfg.hidden)
         else:
@@ -469,6 +489,8 @@ class VLAPolicy(nn.Module):
             vision = self.projector(vision).reshape(batch, cfg.vision_tokens, cfg.hidden)
         text = self.decoder.embed_tokens(instruction_tokens)                  # (B, L, D)
         slots = self.action_slots.to(text.dtype).expand(batch, -1, -1)
+        if cfg.instruction_slots:
+            slots = slots + self._instruction_code(instruction_tokens).to(text.dtype)[:, None]
         embeds = torch.cat([vision.to(text.dtype), text, slots], dim=1)
 
         # Positions skip the pads, so padding an instruction further changes nothing (RoPE is relative).
@@ -485,6 +507,23 @@ class VLAPolicy(nn.Module):
         hidden = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
                               use_cache=False).last_hidden_state
         return hidden[:, prefix_len:], hidden[:, :prefix_len], key_valid[:, :prefix_len]
+
+    def _instruction_code(self, instruction_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, D): mean of the instruction's token embeddings plus a position table, through an MLP."""
+        valid = (instruction_tokens != self.tokenizer.pad_id).unsqueeze(-1)
+        tokens = self.decoder.embed_tokens(instruction_tokens) + self.instruction_position[:instruction_tokens.shape[1]]
+        return self.instruction_encoder((tokens * valid).sum(1) / valid.sum(1).clamp_min(1))
+
+    def _resnet(self, pixels: torch.Tensor, instruction_tokens: torch.Tensor) -> torch.Tensor:
+        """ResNet feature map (B * cams, C, h, w), FiLM-conditioned on the instruction when configured."""
+        if not self.cfg.instruction_film:
+            return self.vision(pixel_values=pixels).last_hidden_state
+        code = self._instruction_code(instruction_tokens).repeat_interleave(self.cfg.num_cameras, dim=0)
+        x = self.vision.embedder(pixels)
+        for stage, film in zip(self.vision.encoder.stages, self.film):
+            gamma, beta = film(code)[:, :, None, None].chunk(2, dim=1)
+            x = stage(x) * (1 + gamma) + beta
+        return x
 
     def forward(self, images: torch.Tensor, instruction_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images uint8 (B, cams, H, W, 3), instruction_tokens long (B, L) ->

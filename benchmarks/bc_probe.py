@@ -30,6 +30,9 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--policy", nargs="*", default=[], help="PolicyConfig overrides name=value")
     parser.add_argument("--env-options", default="{}", help="tabletop2d options as JSON")
+    parser.add_argument("--active-dims", default="0,1,2,3,4,5,6",
+                        help="action dims in the loss (tabletop2d ignores 2-5: their tokens are pure label noise)")
+    parser.add_argument("--noise", type=float, default=0.1, help="expert action noise (normalised units)")
     parser.add_argument("--only-task", type=int, default=None, help="pin one task (vision-only probe)")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -48,7 +51,7 @@ def main() -> None:
     while len(images) < 3000:
         obs = env.reset()
         for _ in range(3):
-            chunk = expert_chunk(env, noise=0.1, rng=rng)
+            chunk = expert_chunk(env, noise=args.noise, rng=rng)
             images.append(obs["image"])
             texts.append(instructions[env.task_id])
             actions.append(chunk)
@@ -58,6 +61,7 @@ def main() -> None:
     X = torch.from_numpy(np.stack(images))[:, None]
     T = torch.stack(texts)
     A = actions_to_tokens(torch.from_numpy(np.stack(actions)).float())
+    active = [int(d) for d in args.active_dims.split(",")]
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr)
 
     def greedy_success(episodes: int = 100) -> float:
@@ -81,7 +85,7 @@ def main() -> None:
         idx = torch.randint(0, len(X), (args.batch,))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = policy.evaluate(X[idx], T[idx], A[idx])
-        loss = -out["logp"].mean()
+        loss = -out["logp"][:, :, active].mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -320,3 +320,27 @@ def test_smooth_head_keeps_bin_order_and_same_logit_shape():
     gain = new - old
     assert gain[100] > 0 and gain[95] > 0 and gain[105] > 0
     assert gain[100] > gain[200] and gain[100] > gain[0]
+
+
+def test_instruction_conditioning_starts_as_identity_and_reaches_its_target():
+    """FiLM starts as the identity (the same logits as without it), then makes the vision features of one image
+    depend on the instruction; instruction slots make the slot inputs depend on it. FiLM on the SigLIP tower is
+    an error, not a silent no-op."""
+    torch.manual_seed(0)
+    plain = make_policy(vision_tower="resnet", num_cameras=2)
+    policy = make_policy(vision_tower="resnet", num_cameras=2, instruction_film=True)
+    policy.load_state_dict(plain.state_dict(), strict=False)
+    images, tokens = make_inputs(policy, batch=2)
+    same_image = images[:1].expand(2, -1, -1, -1, -1)
+    pixels = same_image.flatten(0, 1).permute(0, 3, 1, 2).float()
+    with torch.no_grad():
+        assert torch.allclose(policy(images, tokens)[0], plain(images, tokens)[0], atol=1e-5)
+        for layer in policy.film:
+            layer.weight.normal_(0, 0.1)
+        features = policy._resnet(pixels, tokens)
+    assert not torch.allclose(features[:2], features[2:])  # same pixels, different instructions
+    slots_policy = make_policy(vision_tower="resnet", instruction_slots=True)
+    codes = slots_policy._instruction_code(tokens)
+    assert codes.shape == (2, slots_policy.cfg.hidden) and not torch.allclose(codes[0], codes[1])
+    with pytest.raises(ValueError, match="resnet"):
+        PolicyConfig(instruction_film=True)
