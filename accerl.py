@@ -269,8 +269,7 @@ def load_policy_config(directory: str) -> PolicyConfig:
     if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
         raise SystemExit(f"accerl: --init-policy {directory} holds no config.json + model.safetensors "
                          "(a directory written by VLAPolicy.save, e.g. sft.py's <run>/policy)")
-    saved = json.loads((path / "config.json").read_text())
-    return PolicyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+    return PolicyConfig(**json.loads((path / "config.json").read_text()))  # its __post_init__ re-tuples lists
 
 
 def resolve_devices(args: Args) -> tuple[str, str]:

@@ -26,7 +26,8 @@ CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest.json"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in directory `path` durable (fsync of the directory itself)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -41,7 +42,7 @@ def _write_json_atomic(path: Path, data: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def install_dir(tmp: str | Path, final: str | Path) -> Path:
@@ -54,12 +55,12 @@ def install_dir(tmp: str | Path, final: str | Path) -> Path:
         if path.is_file():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     old = final.with_name(f".{final.name}.old{os.getpid()}")
     if final.exists():
         os.rename(final, old)
     os.rename(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -130,11 +131,11 @@ def save_checkpoint(run_dir: str | Path, update: int, model: dict[str, torch.Ten
     for path in tmp.iterdir():
         with open(path, "rb") as f:
             os.fsync(f.fileno())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     if final.exists():  # re-saving the same update (e.g. a final save right after a periodic one)
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     _write_json_atomic(root / LATEST, {"checkpoint": name})
     for old in sorted(p for p in root.glob("update_*") if p.is_dir())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

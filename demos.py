@@ -64,6 +64,7 @@ import h5py
 import numpy as np
 import tyro
 
+from checkpoint import fsync_dir
 from envs import env_spec, make_env, parse_task
 
 ImageOrientation = Literal["camera", "openvla"]
@@ -87,14 +88,6 @@ def _stored_frames(images: np.ndarray, orientation: str) -> np.ndarray:
     """Env frames (T, H, W, 3) in `orientation` -> the OpenGL convention of the official files."""
     camera_view = images[:, :, ::-1] if orientation == "openvla" else images  # un-mirror OpenVLA frames
     return np.ascontiguousarray(camera_view[:, ::-1])  # upside down, as robosuite's raw readout
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class DemoWriter:
@@ -217,7 +210,7 @@ class DemoWriter:
         with open(self._tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(self._tmp, self.path)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         return self.path
 
     def abort(self) -> None:
