@@ -10,12 +10,17 @@ the GIPO objective -> main (storage, queues, spawn, supervision, shutdown).
 
 Who sends what to whom (queues carry indices only; frames and outputs live in shared memory):
 
-    env_worker_i --(client, env, segment, rows)--> requests --> inference
-    env_worker_i <--(env, segment, rows)---------- actions[i] <-- inference     (outputs in storage)
+    env_worker_i --(client, env, segment, rows)--> requests[k] --> inference_k    (k = i mod K)
+    env_worker_i <--(env, segment, rows)---------- actions[i] <-- inference_k    (outputs in storage)
     env_worker_i --segment id--> full_segments --> learner --segment id--> free_segments --> env_worker_i
-    learner --weights + version (seqlock, shared memory)--> inference
-    eval_worker_j <--(round, task, seed)-- eval_jobs <-- main;  eval_worker_j <-> inference as above
+    learner --weights + version (seqlock, shared memory)--> every inference_k
+    eval_worker_j <--(round, task, seed)-- eval_jobs <-- main;  eval_worker_j <-> inference_k as above
     every process --(kind, role, payload)--> stats --> main (the only tensorboard writer)
+
+With M data-parallel learners (--num-learners), `learner` is learner_0..M-1: learner_0 takes the segment
+ids and sends rank r its share (learner_shares[r]); each rank frees its own; DDP all-reduces gradients;
+only learner_0 publishes weights, checkpoints and reports. K = M = 1 (the default) names the processes
+`inference` and `learner`.
 """
 
 from __future__ import annotations
@@ -42,8 +47,9 @@ import tyro
 
 import checkpoint as ckpt
 from envs import EnvSpec, env_spec, make_env, parse_task
-from pipeline import Counters, Heartbeats, RolloutStorage, StorageShape, TimedGet, WeightBroadcast, log
-from vla_policy import InstructionTokenizer, PolicyConfig, VLAPolicy
+from pipeline import Counters, Heartbeats, RolloutStorage, StorageShape, TimedGet, WeightBroadcast, free_tcp_port, log
+from vla_policy import (InstructionTokenizer, PolicyConfig, VLAPolicy, cli_with_preset, make_policy,
+                        resolve_policy_config)
 
 
 # Args (below) nests one small dataclass per group, so that --help shows one box per group. The groups are
@@ -128,6 +134,18 @@ class WorkersArgs:
     """Episodes of the final evaluation (reported in summary.json)."""
     eval_episodes_per_task: int = 50
     """--eval-only: episodes per task (LIBERO: one per fixed initial state, 50 in the suites)."""
+    num_inference_servers: int = 1
+    """K inference processes (`inference_0..K-1`; one is named `inference`); env and eval workers are
+    assigned to them round-robin (client c sends to server c mod K), each server has its own request queue."""
+    inference_devices: tuple[str, ...] = ()
+    """Device of each inference server, server k on entry k mod len (e.g. cuda:0 cuda:1; repeat a device for
+    several servers per GPU). Default: server k on cuda:(k mod #GPUs) with --device auto/cuda, else --device."""
+    num_learners: int = 1
+    """M data-parallel learner processes (`learner_0..M-1`; one is named `learner`): each trains on
+    --segments-per-update / M segments, gradients all-reduced (NCCL on GPUs, gloo on CPU)."""
+    learner_devices: tuple[str, ...] = ()
+    """Device of each learner rank, one per rank (e.g. cuda:2 cuda:3). Default: rank r on cuda:r with
+    --device auto/cuda, else --device."""
 
     # derived (set by derive_and_check after parsing)
     num_envs: int = 0
@@ -222,10 +240,16 @@ def derive_and_check(args: Args) -> Args:
                         "keeps its own weights; --eval-only reads --checkpoint)")
     if args.algorithm.gipo_sigma <= 0:
         problems.append("--gipo-sigma must be > 0")
+    if args.policy.backend != "vla":
+        problems.append("--policy.backend openvla-oft is not wired into accerl.py yet (vla_policy.make_policy builds it)")
+    if args.policy.checkpoint and args.experiment.init_policy:
+        problems.append("--init-policy and --policy.checkpoint exclude each other (both start from a saved policy)")
     if args.workers.max_batch < 1 or args.workers.batch_timeout_ms < 0:
         problems.append("--max-batch must be >= 1 and --batch-timeout-ms >= 0")
     if args.experiment.device.startswith("cuda") and not torch.cuda.is_available():
         problems.append(f"--device {args.experiment.device} but torch sees no CUDA device (use --device cpu)")
+    else:
+        problems += placement_problems(args)
     try:
         options = json.loads(args.env.env_options)
         if not isinstance(options, dict):
@@ -245,9 +269,13 @@ def derive_and_check(args: Args) -> Args:
         if args.policy.num_cameras != (2 if args.env.wrist_camera else 1):
             raise SystemExit(f"accerl: --init-policy {args.experiment.init_policy} sees {args.policy.num_cameras} "
                              f"camera(s); {'drop' if args.env.wrist_camera else 'add'} --wrist-camera to match it")
+    try:  # --policy.checkpoint DIR (a VLAPolicy.save directory): its architecture, this run's training options
+        args.policy = resolve_policy_config(args.policy, num_cameras=2 if args.env.wrist_camera else 1)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"accerl: --policy.checkpoint: {exc}")
     # instructions must fit whole (LIBERO's run to ~100 bytes): a cut instruction can hide the goal
     longest = max(InstructionTokenizer().num_tokens(text) for text in spec.instructions)
-    if longest > args.policy.max_instruction_tokens and args.experiment.init_policy:
+    if longest > args.policy.max_instruction_tokens and (args.experiment.init_policy or args.policy.checkpoint):
         raise SystemExit(f"accerl: the instructions of {args.env.task} need {longest} tokens, the policy in "
                          f"--init-policy takes {args.policy.max_instruction_tokens}: train it with "
                          f"--policy.max-instruction-tokens {longest}")
@@ -259,6 +287,18 @@ def derive_and_check(args: Args) -> Args:
     if args.experiment.mode == "sync":
         # lockstep: every env contributes one segment per update, collected with one policy version
         args.workers.segments_per_update = args.workers.num_envs
+    learners = args.workers.num_learners
+    if args.workers.segments_per_update % learners and not args.experiment.eval_only:
+        raise SystemExit(
+            f"accerl: each of the {learners} learner ranks trains on an equal share of the super batch: "
+            + (f"--mode sync trains on one segment per env ({args.workers.num_envs} envs), so make "
+               "--num-env-workers x --envs-per-worker" if args.experiment.mode == "sync" else
+               f"--segments-per-update {args.workers.segments_per_update} must be")
+            + f" a multiple of --num-learners {learners}")
+    rows_per_rank = args.workers.segments_per_update // learners * args.workers.segment_len
+    if learners > 1 and args.algorithm.num_minibatches > rows_per_rank:
+        raise SystemExit(f"accerl: --num-minibatches {args.algorithm.num_minibatches} exceeds the {rows_per_rank} "
+                         "chunk steps of each learner rank: lower it or raise --segments-per-update")
     args.policy.num_cameras = 2 if args.env.wrist_camera else 1
     return args
 
@@ -272,13 +312,72 @@ def load_policy_config(directory: str) -> PolicyConfig:
     return PolicyConfig(**json.loads((path / "config.json").read_text()))  # its __post_init__ re-tuples lists
 
 
-def resolve_devices(args: Args) -> tuple[str, str]:
-    learner = args.experiment.device
-    if learner == "auto":
-        learner = "cuda:0" if torch.cuda.is_available() else "cpu"
-    inference = args.experiment.inference_device or learner
+def resolve_devices(args: Args) -> tuple[list[str], list[str]]:
+    """(device of each learner rank, device of each inference server). With --device auto (or cuda) and
+    GPUs visible, learner rank r goes to cuda:r and server k to cuda:(k mod #GPUs), so K = M = G puts one
+    server and one learner rank on each GPU; --learner-devices / --inference-devices override. One of each
+    (the default) is as before: both on --device, the server on --inference-device if given."""
+    w, base, gpus = args.workers, args.experiment.device, torch.cuda.device_count()
+    spread = base in ("auto", "cuda") and gpus > 0
+    if w.learner_devices:
+        learner = list(w.learner_devices)
+    elif spread:
+        learner = [f"cuda:{r % gpus}" for r in range(w.num_learners)]
+    else:
+        learner = ["cpu" if base == "auto" else base] * w.num_learners
+    if w.inference_devices:
+        listed = list(w.inference_devices)
+    elif args.experiment.inference_device:
+        listed = [args.experiment.inference_device]
+    elif spread:
+        listed = [f"cuda:{k}" for k in range(min(w.num_inference_servers, gpus))]
+    else:
+        listed = ["cpu" if base == "auto" else base]
+    inference = [listed[k % len(listed)] for k in range(w.num_inference_servers)]
     # "cuda" means the first GPU: processes pin an explicit index
-    return tuple(d + ":0" if d == "cuda" else d for d in (learner, inference))
+    return [d + ":0" if d == "cuda" else d for d in learner], [d + ":0" if d == "cuda" else d for d in inference]
+
+
+def placement_problems(args: Args) -> list[str]:
+    """Bad combinations of the placement options (derive_and_check reports them)."""
+    w, problems = args.workers, []
+    if w.num_inference_servers < 1 or w.num_learners < 1:
+        return ["--num-inference-servers and --num-learners must be >= 1"]
+    if len(w.inference_devices) > w.num_inference_servers:
+        problems.append(f"--inference-devices names {len(w.inference_devices)} devices for {w.num_inference_servers} "
+                        f"server(s): set --num-inference-servers {len(w.inference_devices)} or name fewer devices")
+    if w.learner_devices and len(w.learner_devices) != w.num_learners:
+        problems.append(f"--learner-devices names {len(w.learner_devices)} devices for {w.num_learners} learner(s): "
+                        f"name one per rank or set --num-learners {len(w.learner_devices)}")
+    clients = (0 if args.experiment.eval_only else w.num_env_workers) + w.num_eval_workers
+    if w.num_inference_servers > clients:
+        problems.append(f"--num-inference-servers {w.num_inference_servers} but only {clients} env/eval worker(s) send "
+                        "requests (a server without clients idles): lower it or raise --num-env-workers")
+    if w.num_learners > 1 and args.experiment.mode == "serial":
+        problems.append("--num-learners > 1 needs --mode async or sync (serial mode runs one process)")
+    if problems:
+        return problems
+    learner, inference = resolve_devices(args)
+    gpus = torch.cuda.device_count()
+    for flag, devices in (("--learner-devices", learner), ("--inference-devices", inference)):
+        for d in dict.fromkeys(devices):
+            try:
+                device = torch.device(d)
+            except RuntimeError:
+                problems.append(f"{flag}: {d!r} is not a device (cpu, cuda, cuda:N)")
+                continue
+            if device.type == "cuda" and (device.index or 0) >= gpus:
+                problems.append(f"{flag}: {d} but torch sees {gpus} GPU(s){f' (cuda:0..{gpus - 1})' if gpus else ''}: "
+                                "place fewer processes, name visible devices, or use --device cpu")
+    if problems:
+        return problems
+    if len({torch.device(d).type for d in learner}) > 1:
+        problems.append(f"learner ranks on {learner}: all on GPUs (NCCL) or all on the CPU (gloo), not mixed")
+    cuda_ranks = [str(torch.device(d)) for d in learner if torch.device(d).type == "cuda"]
+    if len(set(cuda_ranks)) < len(cuda_ranks):
+        problems.append(f"learner ranks on {learner}: NCCL runs one rank per GPU; name distinct --learner-devices "
+                        "or lower --num-learners")
+    return problems
 
 
 def env_options(args: Args) -> dict:
@@ -307,12 +406,24 @@ def derive_seed(seed: int, *path: int) -> int:
 class Channels:
     """The queues. Their names say what they carry; all are bounded."""
 
-    requests: object  # (client, env_index, segment, rows, greedy) -> inference
+    requests: list  # per inference server k: (client, env_index, segment, rows, greedy) -> inference_k
     actions: list  # per client: (env_index, segment, rows) <- inference; outputs are in storage
     free_segments: object  # segment ids an env worker may fill
-    full_segments: object  # filled segment ids for the learner
+    full_segments: object  # filled segment ids for the learner (rank 0)
+    learner_shares: list  # per learner rank r >= 1: its segment ids of the next update ([]: stop)
     eval_jobs: object  # (round, task_id, episode_seed) for eval workers
     stats: object  # (kind, role, payload) for the main process
+
+
+def inference_server_of(client: int, args: Args) -> int:
+    """Round-robin placement: client c (env worker i is client i, eval worker j is client
+    num_env_workers + j) sends its requests to inference server c mod K."""
+    return client % args.workers.num_inference_servers
+
+
+def numbered(role: str, count: int) -> list[str]:
+    """Process names of a role with `count` processes: `role` alone, else `role_0..count-1`."""
+    return [role] if count == 1 else [f"{role}_{i}" for i in range(count)]
 
 
 @dataclass
@@ -365,6 +476,7 @@ class EnvWorker:
                  seed_offset: int = 0):
         self.rank, self.args, self.spec, self.shared, self.chan, self.poll_s = rank, args, spec, shared, chan, poll_s
         self.name = f"env_worker_{rank}"
+        self.requests = chan.requests[inference_server_of(rank, args)]
         self.T = args.workers.segment_len
         self.seed_offset = seed_offset
         self.rng = np.random.default_rng(derive_seed(args.experiment.seed, 1, rank, seed_offset))
@@ -412,8 +524,7 @@ class EnvWorker:
                                               self.instructions[e.task_id], e.task_id)
 
     def _request(self, i: int, rows: tuple[int, ...]) -> None:
-        self.chan.requests.put((self.rank, i, self.envs[i].segment, rows, False),
-                               timeout=self.args.workers.wait_timeout_s)
+        self.requests.put((self.rank, i, self.envs[i].segment, rows, False), timeout=self.args.workers.wait_timeout_s)
 
     # -- the loop --------------------------------------------------------------------------------
     def step(self) -> None:
@@ -534,6 +645,7 @@ class EvalWorker:
         self.rank, self.client, self.args, self.spec, self.shared, self.chan = rank, client, args, spec, shared, chan
         self.poll_s, self.segment = poll_s, segment
         self.name = f"eval_worker_{rank}"
+        self.requests = chan.requests[inference_server_of(client, args)]
         tokenizer = InstructionTokenizer()
         self.instructions = tokenizer.encode(list(spec.instructions), args.policy.max_instruction_tokens)
         self.restarts = 0
@@ -619,25 +731,30 @@ class EvalWorker:
     def _observe(self, obs: dict) -> None:
         self.shared.storage.write_observation(self.segment, 0, obs, self.spec.cameras,
                                               self.instructions[self.task_id], self.task_id)
-        self.chan.requests.put((self.client, 0, self.segment, (0,), True), timeout=self.args.workers.wait_timeout_s)
+        self.requests.put((self.client, 0, self.segment, (0,), True), timeout=self.args.workers.wait_timeout_s)
 
     def close(self) -> None:
         self.env.close()
 
 
 class InferenceServer:
-    """`inference`: a policy copy in eval mode with dynamic batching: one batched forward when
-    --max-batch observations wait or the oldest has waited --batch-timeout-ms (sync mode: when every
-    env waits). Samples (greedy for eval requests); writes action tokens, continuous actions, behaviour
-    log-probs, the value and the policy version into storage; never waits for the learner."""
+    """`inference` (or `inference_k` of K): a policy copy in eval mode with dynamic batching: one batched
+    forward when --max-batch observations wait or the oldest has waited --batch-timeout-ms (sync mode: when
+    every env it serves waits). Samples (greedy for eval requests); writes action tokens, continuous
+    actions, behaviour log-probs, the value and the policy version into storage; never waits for the
+    learner. Server k serves the clients c with c mod K = k, from its own request queue."""
 
-    def __init__(self, args: Args, shared: Shared, chan: Channels, poll_s: float, device: str):
+    def __init__(self, args: Args, shared: Shared, chan: Channels, poll_s: float, device: str, rank: int = 0):
         self.args, self.shared, self.chan, self.poll_s = args, shared, chan, poll_s
-        self.name = "inference"
+        self.name = numbered("inference", args.workers.num_inference_servers)[rank]
+        self.requests = chan.requests[rank]
+        # sync mode flushes once every env this server serves waits
+        self.num_train_envs = args.workers.envs_per_worker * sum(
+            1 for i in range(args.workers.num_env_workers) if inference_server_of(i, args) == rank)
         self.device = torch.device(device)
-        torch.manual_seed(derive_seed(args.experiment.seed, 3))
+        torch.manual_seed(derive_seed(args.experiment.seed, 3, *((rank,) if rank else ())))  # server 0: as with K = 1
         with torch.device("meta"):
-            policy = VLAPolicy(args.policy)
+            policy = make_policy(args.policy)
         self.policy = policy.to_empty(device=self.device).eval()
         self.params = dict(self.policy.named_parameters())
         self.params.update(dict(self.policy.named_buffers()))
@@ -667,13 +784,13 @@ class InferenceServer:
             timeout = min(wait, self.poll_s) if self.poll_s > 0 else 0.0
         else:
             timeout = self.poll_s
-        msg = self.getter.get(self.chan.requests, "env workers", timeout, idle_ok=True)
+        msg = self.getter.get(self.requests, "env workers", timeout, idle_ok=True)
         while msg is not None:
             self.pending.append((msg, time.perf_counter()))
             if self._rows_pending() >= self.args.workers.max_batch * 4:
                 break
             try:
-                msg = self.chan.requests.get_nowait()
+                msg = self.requests.get_nowait()
             except queue.Empty:
                 msg = None
         if self._should_flush():
@@ -691,8 +808,8 @@ class InferenceServer:
         if self.args.experiment.mode == "sync":
             training = sum(1 for m, _ in self.pending if not m[4])
             evals = len(self.pending) - training
-            return training >= self.args.workers.num_envs or (evals > 0 and training == 0 and
-                                                      oldest_wait * 1000 >= self.args.workers.batch_timeout_ms)
+            return training >= self.num_train_envs or (evals > 0 and training == 0 and
+                                                       oldest_wait * 1000 >= self.args.workers.batch_timeout_ms)
         return (len(self.pending) >= self.args.workers.max_batch
                 or oldest_wait * 1000 >= self.args.workers.batch_timeout_ms)
 
@@ -716,7 +833,7 @@ class InferenceServer:
         storage.log_probs[segs, rows] = out["log_probs"].to(torch.float16).cpu()
         storage.value[segs, rows] = out["value"].float().cpu()
         storage.version[segs, rows] = self.version
-        done = time.perf_counter()
+        done = time.perf_counter()  # the .cpu() copies waited for the device: done - start is its busy time
         for (client, env_index, seg, msg_rows, _), _ in batch:
             self.chan.actions[client].put((env_index, seg, msg_rows))
         self.busy_s += done - start
@@ -734,6 +851,8 @@ class InferenceServer:
                 "perf/inference_per_s": float(np.sum(self.perf["batch_size"]) / elapsed),
                 "perf/inference_busy_fraction": self.busy_s / elapsed,
                 "perf/inference_version": float(self.version)}))
+        elif self.version >= 0:  # an idle window counts in the busy fraction too
+            self.chan.stats.put(("perf", self.name, {"perf/inference_busy_fraction": 0.0}))
         self.perf.clear()
         self.busy_s = 0.0
         self.last_report = time.time()
@@ -836,34 +955,66 @@ def published_tensors(policy: torch.nn.Module, trainable_only: bool) -> dict[str
     return named
 
 
+class _EvaluateForward(torch.nn.Module):
+    """DistributedDataParallel all-reduces the gradients of what runs through its forward: the
+    data-parallel learner wraps the policy in this, so that `evaluate` is that forward."""
+
+    def __init__(self, policy: VLAPolicy):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, images: torch.Tensor, instructions: torch.Tensor, action_tokens: torch.Tensor) -> dict:
+        return self.policy.evaluate(images, instructions, action_tokens)
+
+
 class Learner:
     """`learner`: assembles segments into a super batch, GAE with bootstrap (optionally recomputing
     values with the current critic), advantage normalisation, the per-token objective, one or more
-    optimiser steps; then publishes the weights with a new version. Writes checkpoints."""
+    optimiser steps; then publishes the weights with a new version. Writes checkpoints.
+
+    Data-parallel over M ranks (`learner_0..M-1`, --num-learners): rank 0 takes the super batch's segment
+    ids and hands rank r its share (segments r, r + M, ...); every rank copies its share, computes GAE on
+    it and trains on it; advantage statistics and loss normalisers are global (all-reduced), gradients are
+    all-reduced by DDP, so one update equals the single-learner update on the whole super batch. Only
+    rank 0 publishes weights, writes checkpoints and sends statistics. M = 1 builds no process group."""
 
     def __init__(self, args: Args, spec: EnvSpec, shared: Shared, chan: Channels, poll_s: float, device: str,
-                 run_dir: Path, resume_from: Path | None):
+                 run_dir: Path, resume_from: Path | None, rank: int = 0, dist_port: int | None = None):
         from accelerate import Accelerator
 
         self.args, self.shared, self.chan, self.poll_s, self.run_dir = args, shared, chan, poll_s, run_dir
-        self.name = "learner"
+        self.rank, self.world_size = rank, args.workers.num_learners
+        self.name = numbered("learner", self.world_size)[rank]
         self.active_dims = torch.zeros(args.policy.action_dim, dtype=torch.bool)
         self.active_dims[list(spec.active_action_dims or range(args.policy.action_dim))] = True
         on_cuda = device.startswith("cuda")
         if on_cuda:
             torch.cuda.set_device(torch.device(device))
+        if self.world_size > 1:
+            # the process group as `accelerate launch` would describe it; accelerate picks NCCL on GPUs, gloo
+            # on the CPU, and places DDP on LOCAL_RANK, so that is the CUDA index; OMP_NUM_THREADS keeps
+            # accelerate from resizing our thread pool
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(dist_port), RANK=str(rank),
+                              WORLD_SIZE=str(self.world_size), LOCAL_WORLD_SIZE=str(self.world_size),
+                              LOCAL_RANK=str(torch.device(device).index if on_cuda else rank),
+                              OMP_NUM_THREADS=str(torch.get_num_threads()))
         self.accelerator = Accelerator(cpu=not on_cuda, mixed_precision="bf16" if args.algorithm.bf16 else "no")
         self.device = self.accelerator.device
         torch.manual_seed(args.experiment.seed)
         random.seed(args.experiment.seed)
         np.random.seed(args.experiment.seed % 2**32)
-        policy = VLAPolicy(args.policy)
+        policy = make_policy(args.policy)
         optimizer = torch.optim.AdamW(
             [{"params": policy.policy_parameters(), "lr": args.algorithm.policy_lr, "name": "policy"},
              {"params": policy.value_parameters(), "lr": args.algorithm.value_lr, "name": "value"}],
             weight_decay=args.algorithm.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [lr_lambda(args.algorithm)] * 2)
-        self.policy, self.optimizer = self.accelerator.prepare(policy, optimizer)
+        if self.world_size == 1:
+            self.policy, self.optimizer = self.accelerator.prepare(policy, optimizer)
+            self.evaluate = self.policy.evaluate
+        else:  # DDP holds the same parameter tensors as `policy`, which publish / save / load keep using
+            self.evaluate, self.optimizer = self.accelerator.prepare(_EvaluateForward(policy), optimizer)
+            self.policy = policy
         self.update = 0
         if resume_from is not None:
             self._load(resume_from)
@@ -876,7 +1027,8 @@ class Learner:
         self.getter = TimedGet(self.name, args.workers.wait_timeout_s)
         self.segments: list[int] = []
         self.last_update_time = time.perf_counter()
-        self.publish(trainable_only=False)
+        if self.rank == 0:
+            self.publish(trainable_only=False)
 
     # -- weights and checkpoints -----------------------------------------------------------------
     def publish(self, trainable_only: bool = True) -> None:
@@ -903,6 +1055,13 @@ class Learner:
 
     # -- the loop --------------------------------------------------------------------------------
     def step(self) -> None:
+        if self.rank > 0:  # a follower: trains on the share rank 0 hands it, in lockstep with rank 0
+            share = self.getter.get(self.chan.learner_shares[self.rank - 1], "learner_0", self.poll_s, idle_ok=True)
+            if share == []:  # rank 0 stopped; leaving on our own could strand it in an all-reduce
+                raise _Stopping()
+            if share is not None:
+                self._update(share)
+            return
         seg = self.getter.get(self.chan.full_segments, "env workers (no full segment)", self.poll_s)
         if seg is None:
             return
@@ -910,13 +1069,26 @@ class Learner:
         if len(self.segments) < self.args.workers.segments_per_update:
             return
         segments, self.segments = self.segments, []
+        for r in range(1, self.world_size):
+            self.chan.learner_shares[r - 1].put(segments[r::self.world_size], timeout=self.args.workers.wait_timeout_s)
+        self._update(segments[::self.world_size])
+
+    def _update(self, segments: list[int]) -> None:
+        """One update on this rank's segments; rank 0 then publishes, reports and checkpoints."""
         batch = self._assemble(segments)
+        start = time.perf_counter()
         metrics = self.train_on(batch)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        busy = time.perf_counter() - start  # forward + backward + optimiser (+ all-reduces): the device's work
         self.update += 1
+        if self.rank > 0:
+            return
         self.publish()
         now = time.perf_counter()
         metrics["perf/learner_update_s"] = now - self.last_update_time
-        metrics["perf/learner_samples_per_s"] = batch["mask"].numel() / (now - self.last_update_time)
+        metrics["perf/learner_samples_per_s"] = batch["mask"].numel() * self.world_size / (now - self.last_update_time)
+        metrics["perf/learner_busy_fraction"] = busy / (now - self.last_update_time)
         metrics["perf/learner_wait_data_s"] = self.getter.pop_waited()
         metrics["charts/update"] = self.update
         self.last_update_time = now
@@ -973,19 +1145,27 @@ class Learner:
         flat["advantages"], flat["returns"], flat["values"] = advantages.flatten(), returns.flatten(), values.flatten()
         mask = flat["mask"]
         kept = int(mask.sum())
-        if kept == 0:
+        total_kept = kept if self.world_size == 1 else int(self._sum_over_ranks(torch.tensor([kept]))[0])
+        if total_kept == 0:
             return {"charts/samples_kept_fraction": 0.0}
-        if args.algorithm.norm_adv:
+        if args.algorithm.norm_adv and self.world_size == 1:
             a = flat["advantages"][mask]
             flat["advantages"] = (flat["advantages"] - a.mean()) / (a.std(unbiased=False) + 1e-8)
+        elif args.algorithm.norm_adv:  # the super batch's statistics, over every rank's share
+            mean, std = self._global_mean_std(flat["advantages"][mask])
+            flat["advantages"] = (flat["advantages"] - mean) / (std + 1e-8)
 
         self.policy.train()
         sums: dict[str, list[float]] = defaultdict(list)
         diagnostics: dict[str, list[torch.Tensor]] = defaultdict(list)
-        order = torch.nonzero(mask).squeeze(1)
+        # One learner trains on the kept rows. Data-parallel ranks step through every row of their share,
+        # the dropped ones weighted 0, so that all run the same number of equal minibatches: each backward
+        # is an all-reduce, and a rank that ran one fewer would leave the others waiting in it.
+        order = torch.nonzero(mask).squeeze(1) if self.world_size == 1 else torch.arange(mask.numel())
         for _ in range(args.algorithm.update_epochs):
             order = order[torch.randperm(len(order))]
-            for mb in order.chunk(args.algorithm.num_minibatches):
+            n = args.algorithm.num_minibatches
+            for mb in (order.chunk(n) if self.world_size == 1 else order.tensor_split(n)):
                 metrics, diag = self._minibatch_step({k: v[mb] for k, v in flat.items()})
                 for k, v in metrics.items():
                     sums[k].append(v)
@@ -994,12 +1174,15 @@ class Learner:
         self.scheduler.step()
         self.policy.eval()
 
-        # staleness instruments (reference.md section 2), over every token of the super batch
+        # staleness instruments (reference.md section 2), over every token of the super batch (data-parallel:
+        # of rank 0's share; the losses above are the whole super batch's)
+        out = {k: float(np.mean(v)) for k, v in sums.items()}
+        if kept == 0:  # a data-parallel rank whose whole share was dropped
+            return out
         ratio, w = torch.cat(diagnostics["ratio"]), torch.cat(diagnostics["w"])
         u = (w * ratio).double()
         lag = flat["lag"][mask].double()
         y, v = flat["returns"][mask], flat["values"][mask]
-        out = {k: float(np.mean(v)) for k, v in sums.items()}
         out.update({
             "charts/policy_lag_mean": lag.mean().item(),
             "charts/policy_lag_p95": torch.quantile(lag, 0.95).item(),
@@ -1008,7 +1191,7 @@ class Learner:
             "charts/trust_weight_below_1e-3": (w < 1e-3).double().mean().item(),
             "charts/effective_sample_size": ((u.sum() ** 2) / (u.square().sum() + 1e-12) / u.numel()).item(),
             "charts/explained_variance": (1 - (y - v).var() / (y.var() + 1e-8)).item(),
-            "charts/samples_kept_fraction": kept / mask.numel(),
+            "charts/samples_kept_fraction": total_kept / (mask.numel() * self.world_size),
             "charts/advantage_mean_raw": advantages.flatten()[mask].mean().item(),
             "charts/lr_policy": self.optimizer.param_groups[0]["lr"],
             "charts/lr_value": self.optimizer.param_groups[1]["lr"],
@@ -1018,11 +1201,18 @@ class Learner:
     def _minibatch_step(self, mb: dict[str, torch.Tensor]) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
         args, dev = self.args, self.device
         with self.accelerator.autocast():
-            out = self.policy.evaluate(mb["images"].to(dev), mb["instruction"].to(dev), mb["action_tokens"].to(dev))
+            out = self.evaluate(mb["images"].to(dev), mb["instruction"].to(dev), mb["action_tokens"].to(dev))
         # Only tokens that acted count: steps the env executed (a chunk stops at the episode's end) and
         # dimensions it uses. The others cannot change the reward, so their terms only add variance.
         tokens = effective_tokens(mb["env_steps"].to(dev), args.policy.chunk_len, self.active_dims.to(dev))
         n_tokens = tokens.sum().clamp_min(1)
+        keep = mb["mask"].to(dev)
+        if self.world_size > 1:
+            tokens &= keep[:, None, None]  # rows dropped from the super batch weigh 0 (see train_on)
+            # Each rank divides its sums by the global counts over M: DDP averages the M gradients, so the
+            # result is the gradient of the whole minibatch's loss, as one learner would compute it.
+            counts = self._sum_over_ranks(torch.stack([tokens.sum(), keep.sum()])).clamp_min(1) / self.world_size
+            n_tokens, n_samples = counts.float().to(dev)
         logp = out["logp"].float()[tokens]
         behaviour_logp = mb["logp"].to(dev)[tokens]
         adv = mb["advantages"].to(dev)[:, None, None].expand_as(tokens)[tokens]
@@ -1032,20 +1222,47 @@ class Learner:
         b_logp_all = mb["log_probs"].to(dev).float()[tokens]
         kl = (b_logp_all.exp() * (b_logp_all - out["log_probs"].float()[tokens])).sum(-1).sum() / n_tokens
         entropy = out["entropy"].float()[tokens].sum() / n_tokens
-        value_loss = (out["value"].float() - mb["returns"].to(dev)).square().mean()
+        value_error = (out["value"].float() - mb["returns"].to(dev)).square()
+        if self.world_size == 1:
+            value_loss = value_error.mean()
+        else:
+            value_loss = torch.where(keep, value_error, 0.0).sum() / n_samples
         algo = args.algorithm
         loss = pg_loss + algo.kl_coef * kl - algo.ent_coef * entropy + algo.vf_coef * value_loss
         self.optimizer.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
         grad_norm = self.accelerator.clip_grad_norm_(self.policy.parameters(), args.algorithm.max_grad_norm)
         self.optimizer.step()
-        metrics = {"losses/policy_loss": pg_loss.item(), "losses/value_loss": value_loss.item(),
-                   "losses/kl": kl.item(), "losses/entropy": entropy.item(), "losses/total": loss.item(),
-                   "losses/grad_norm": float(grad_norm)}
+        terms = torch.stack([pg_loss, value_loss, kl, entropy, loss]).detach()
+        if self.world_size > 1:  # each rank holds M x its part of the minibatch's losses
+            terms = self._sum_over_ranks(terms) / self.world_size
+        names = ("losses/policy_loss", "losses/value_loss", "losses/kl", "losses/entropy", "losses/total")
+        metrics = {**dict(zip(names, terms.tolist())), "losses/grad_norm": float(grad_norm)}
         return metrics, {"ratio": diag["ratio"].flatten().float().cpu(), "w": diag["w"].flatten().float().cpu()}
 
+    def _sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        """Element-wise sum of a small tensor over the learner ranks (float64, returned on the CPU)."""
+        values = values.detach().double().to(self.device)
+        torch.distributed.all_reduce(values)
+        return values.cpu()
+
+    def _global_mean_std(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and population std of x's elements over every rank (two passes in float64)."""
+        total, count = self._sum_over_ranks(torch.stack([x.double().sum(), torch.tensor(float(x.numel()))]))
+        mean = total / count
+        var = self._sum_over_ranks((x.double() - mean).square().sum().reshape(1))[0] / count
+        return mean.float(), var.sqrt().float()
+
     def close(self) -> None:
-        self.save()
+        if self.rank == 0:
+            self.save()
+            for shares in self.chan.learner_shares:  # the followers stop with us
+                try:
+                    shares.put([], timeout=5.0)
+                except queue.Full:
+                    pass
+        if self.world_size > 1:
+            self.accelerator.end_training()  # destroys the process group
 
 
 # ===================================================================================================
@@ -1118,7 +1335,7 @@ class Run:
         self.args = args
         self.spec = env_spec(args.env.task, image_size=args.policy.image_size, wrist_camera=args.env.wrist_camera,
                              **env_options(args))
-        self.learner_device, self.inference_device = resolve_devices(args)
+        self.learner_devices, self.inference_devices = resolve_devices(args)
         self.resume_from = ckpt.resolve_checkpoint(args.experiment.resume) if args.experiment.resume else None
         self.resume_meta = json.loads((self.resume_from / "meta.json").read_text()) if self.resume_from else None
         source = self.resume_from or (
@@ -1136,6 +1353,7 @@ class Run:
         self.flow_started, self.steady_from, self.train_end = None, None, None
         self.warmup_s = min(10.0, args.experiment.max_seconds / 6) if args.experiment.max_seconds else 10.0
         self.learner_rates: list[float] = []
+        self.busy_fractions: dict[str, list[float]] = defaultdict(list)  # steady part of training, every process
 
     def _run_dir(self) -> Path:
         args = self.args
@@ -1161,13 +1379,15 @@ class Run:
         share = not serial
         storage = RolloutStorage(shape, share=share)
         with torch.device("meta"):
-            skeleton = VLAPolicy(args.policy)
+            skeleton = make_policy(args.policy)
         weights = WeightBroadcast({n: torch.zeros(t.shape, dtype=t.dtype)
                                    for n, t in published_tensors(skeleton, trainable_only=False).items()}, share=share)
         num_env_workers = 0 if args.experiment.eval_only else args.workers.num_env_workers
+        self.inference_names = numbered("inference", args.workers.num_inference_servers)
+        self.learner_names = [] if args.experiment.eval_only else numbered("learner", args.workers.num_learners)
         self.names = ([f"env_worker_{i}" for i in range(num_env_workers)]
-                      + [f"eval_worker_{j}" for j in range(args.workers.num_eval_workers)] + ["inference"]
-                      + ([] if args.experiment.eval_only else ["learner"]))
+                      + [f"eval_worker_{j}" for j in range(args.workers.num_eval_workers)]
+                      + self.inference_names + self.learner_names)
         counters = Counters(len(self.names), share=share)
         heartbeats = Heartbeats(self.names, share=share)
         ctx = mp.get_context("spawn")
@@ -1175,10 +1395,13 @@ class Run:
         make_event = threading.Event if serial else ctx.Event
         clients = args.workers.num_env_workers + args.workers.num_eval_workers
         self.chan = Channels(
-            requests=make_q(args.workers.num_envs + args.workers.num_eval_workers + 8),
+            requests=[make_q(args.workers.num_envs + args.workers.num_eval_workers + 8) for _ in self.inference_names],
             actions=[make_q(args.workers.envs_per_worker + 2) for _ in range(clients)],
             free_segments=make_q(num_segments + 1), full_segments=make_q(num_segments + 1),
+            learner_shares=[make_q(2) for _ in self.learner_names[1:]],
             eval_jobs=make_q(100_000), stats=make_q(100_000))
+        # the data-parallel learner's rendezvous (torch.distributed over TCP on this host)
+        self.dist_port = free_tcp_port() if len(self.learner_names) > 1 else None
         self.shared = Shared(storage, weights, counters, heartbeats, make_event(), make_event())
         for seg in range(self.first_eval_segment):
             self.chan.free_segments.put(seg)
@@ -1200,10 +1423,11 @@ class Run:
         for j in range(args.workers.num_eval_workers):
             builders[f"eval_worker_{j}"] = _Builder(EvalWorker, j, args.workers.num_env_workers + j, args, spec, shared,
                                                     chan, poll, self.first_eval_segment + j, self.run_dir / "videos")
-        builders["inference"] = _Builder(InferenceServer, args, shared, chan, poll, self.inference_device)
-        if not args.experiment.eval_only:
-            builders["learner"] = _Builder(Learner, args, spec, shared, chan, poll, self.learner_device, self.run_dir,
-                                           self.resume_from)
+        for k, name in enumerate(self.inference_names):
+            builders[name] = _Builder(InferenceServer, args, shared, chan, poll, self.inference_devices[k], k)
+        for r, name in enumerate(self.learner_names):
+            builders[name] = _Builder(Learner, args, spec, shared, chan, poll, self.learner_devices[r], self.run_dir,
+                                      self.resume_from, r, self.dist_port)
         return builders
 
     def resume_update(self) -> int:
@@ -1219,8 +1443,8 @@ class Run:
         self.writer = SummaryWriter(str(self.run_dir), purge_step=purge)
         header = {"run_dir": str(self.run_dir), "mode": args.experiment.mode, "task": args.env.task,
                   "tasks": self.spec.num_tasks, "env_workers": args.workers.num_env_workers,
-                  "envs": args.workers.num_envs, "learner_device": self.learner_device,
-                  "inference_device": self.inference_device, "loss": args.algorithm.loss,
+                  "envs": args.workers.num_envs, "learner_device": ",".join(self.learner_devices),
+                  "inference_device": ",".join(self.inference_devices), "loss": args.algorithm.loss,
                   "train_init_states": (args.env.init_states if parse_task(args.env.task)[0].startswith("libero")
                                         else "random"),
                   "versions": software_versions(args)}
@@ -1251,7 +1475,9 @@ class Run:
         ctx = mp.get_context("spawn")
         self.procs = {}
         for name, build in builders.items():
-            stop = self.shared.stop if name in ("inference",) or name.startswith("eval") else self.shared.train_stop
+            # learner followers stop on learner_0's word (Learner.step), or with everybody if it is gone
+            stop = (self.shared.stop if name.startswith(("inference", "eval")) or name in self.learner_names[1:]
+                    else self.shared.train_stop)
             p = ctx.Process(target=run_role, name=name, args=(name, build, stop, self.chan.stats, self.shared.heartbeats),
                             daemon=True)
             p.start()
@@ -1338,9 +1564,10 @@ class Run:
         """Stop collection, let the learner publish and checkpoint, then a final greedy evaluation."""
         self.shared.train_stop.set()
         deadline = time.time() + 60
-        while self.procs["learner"].is_alive() and time.time() < deadline and not self.interrupted:
+        learners = [self.procs[name] for name in self.learner_names]
+        while any(p.is_alive() for p in learners) and time.time() < deadline and not self.interrupted:
             self._drain_stats()
-        if self.procs["learner"].exitcode not in (0, None):
+        if any(p.exitcode not in (0, None) for p in learners):
             return 1
         if self.args.workers.num_eval_workers and self.args.workers.final_eval_episodes and not self.interrupted:
             rid = self._enqueue_eval_round(self.args.workers.final_eval_episodes, per_task=False)
@@ -1355,8 +1582,15 @@ class Run:
 
     def _shutdown(self, code: int) -> None:
         self.shared.train_stop.set()
-        self.shared.stop.set()
         deadline = time.time() + 8.0  # everything is gone within 10 s of a signal
+        # learner followers leave on learner_0's word, after the update they share with it (on `stop` only if
+        # learner_0 is gone): give it that long before stopping everybody
+        lead = self.procs.get(self.learner_names[0]) if len(self.learner_names) > 1 else None
+        followers = [self.procs[name] for name in self.learner_names[1:] if name in self.procs]
+        while (lead is not None and lead.is_alive() and any(p.is_alive() for p in followers)
+               and time.time() < deadline - 3.0):
+            self._drain_stats(timeout=0.05)
+        self.shared.stop.set()
         while time.time() < deadline and any(p.is_alive() for p in self.procs.values()):
             self._drain_stats(timeout=0.05)
         for name, p in self.procs.items():
@@ -1501,6 +1735,9 @@ class Run:
         elif kind in ("update", "perf"):
             for tag, value in payload.items():
                 self.writer.add_scalar(tag, value, step)
+                steady = self.steady_from is not None and not self.shared.train_stop.is_set()
+                if tag.endswith("busy_fraction") and steady:
+                    self.busy_fractions[tag].append(value)
             if kind == "update":
                 self.learner_rates.append(payload["perf/learner_samples_per_s"])
 
@@ -1552,6 +1789,8 @@ class Run:
     def _write_summary(self, code: int) -> None:
         totals = self.shared.counters.totals()
         wall = time.time() - self.start_time
+        # GPU (or CPU) busy fractions over the steady part, averaged over reports and processes
+        busy = {tag.removeprefix("perf/"): float(np.mean(v)) for tag, v in self.busy_fractions.items() if v}
         summary = {"exit_code": code, "interrupted": self.interrupted, "task": self.args.env.task,
                    "mode": self.args.experiment.mode,
                    "final_eval_success": None if self.final_eval is None else self.final_eval["success_rate"],
@@ -1561,6 +1800,8 @@ class Run:
                    "wall_seconds": wall, "env_steps_per_s": totals["global_env_step"] / max(wall, 1e-9),
                    "steady_env_steps_per_s": self._steady_rate(),
                    "learner_samples_per_s": float(np.median(self.learner_rates[1:])) if len(self.learner_rates) > 1 else None,
+                   "inference_busy_fraction": busy.get("inference_busy_fraction"),
+                   "learner_busy_fraction": busy.get("learner_busy_fraction"),
                    "versions": software_versions(self.args), "run_dir": str(self.run_dir)}
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         self.writer.close()
@@ -1600,4 +1841,4 @@ def main(args: Args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(tyro.cli(Args)))
+    sys.exit(main(cli_with_preset(Args)))  # tyro.cli; --policy.preset sets the --policy.* defaults

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import queue
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -235,6 +236,13 @@ class TimedGet:
     def pop_waited(self) -> float:
         waited, self.waited_s = self.waited_s, 0.0
         return waited
+
+
+def free_tcp_port() -> int:
+    """A TCP port free on this host now (the data-parallel learner's rendezvous; the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def shm_entries() -> set[str]:

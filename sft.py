@@ -43,13 +43,13 @@ from typing import Literal
 
 import numpy as np
 import torch
-import tyro
 
 import checkpoint as ckpt
 from demos import read_demos
 from envs import env_spec, make_env, parse_task
 from pipeline import log
-from vla_policy import PolicyConfig, VLAPolicy, actions_to_tokens, policy_autocast, tokens_to_actions
+from vla_policy import (PolicyConfig, VLAPolicy, actions_to_tokens, cli_with_preset, policy_autocast,
+                        tokens_to_actions)
 
 
 @dataclass
@@ -148,6 +148,9 @@ def derive_and_check(args: Args) -> Args:
             raise ValueError("not a JSON object")
     except ValueError as exc:
         problems.append(f"--env-options {args.env_options!r} is not a JSON object ({exc})")
+    if args.policy.checkpoint or args.policy.backend != "vla":
+        problems.append("--policy.checkpoint / --policy.backend are accerl.py's: start from a saved policy with "
+                        "--init-policy DIR")
     if args.init_policy:  # the architecture is the saved policy's, whatever the flags say
         args.policy = PolicyConfig(**json.loads((Path(args.init_policy) / "config.json").read_text()))
         if args.policy.num_cameras != (2 if args.wrist_camera else 1):
@@ -440,5 +443,5 @@ def _log_eval(writer, result: dict, update: int) -> dict:
 
 
 if __name__ == "__main__":
-    summary = main(tyro.cli(Args))
+    summary = main(cli_with_preset(Args))  # tyro.cli; --policy.preset sets the --policy.* defaults
     sys.exit(130 if summary["interrupted"] else 0)

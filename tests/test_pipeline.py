@@ -60,15 +60,16 @@ def run_serial(args: Args, wrap_queues: bool = False) -> tuple[Run, int, dict]:
     recorded = {}
     if wrap_queues:
         chan = run.chan
-        for name in ("requests", "free_segments", "full_segments", "eval_jobs", "stats"):
+        for name in ("free_segments", "full_segments", "eval_jobs", "stats"):
             q = RecordingQueue(getattr(chan, name))
             while not getattr(chan, name).empty():  # free_segments is pre-filled
                 q.put(getattr(chan, name).get())
             q.items.clear()
             setattr(chan, name, q)
             recorded[name] = q.items
-        chan.actions = [RecordingQueue(q) for q in chan.actions]
-        recorded["actions"] = [q.items for q in chan.actions]
+        for name in ("requests", "actions"):  # one queue per inference server / per client
+            setattr(chan, name, [RecordingQueue(q) for q in getattr(chan, name)])
+            recorded[name] = [q.items for q in getattr(chan, name)]
     run.start()
     code = run._run_serial(run.role_builders(serial=True))
     return run, code, recorded
@@ -78,7 +79,8 @@ def test_queues_carry_indices_only_never_image_bytes(tmp_path):
     run, code, recorded = run_serial(tiny_args(tmp_path), wrap_queues=True)
     assert code == 0
     data_queues = {k: v for k, v in recorded.items() if k != "stats"}
-    data_queues["actions"] = [item for items in recorded["actions"] for item in items]
+    for name in ("requests", "actions"):
+        data_queues[name] = [item for items in recorded[name] for item in items]
     assert all(len(items) > 0 for items in data_queues.values()), {k: len(v) for k, v in data_queues.items()}
     for name, items in data_queues.items():
         for item in items:

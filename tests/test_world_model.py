@@ -1,0 +1,399 @@
+"""The world model (world_model.py): transitions from demo files, the denoiser's loss falls on a tiny
+dataset, reward-model metrics against hand-computed values, one shared env-contract check run on the real
+tabletop2d env and on ImaginedEnv (in-process and served), served = local for the same seed, atomic save /
+load round trip, and the train / eval commands. ~15-25 s on 2 cores."""
+
+from __future__ import annotations
+
+import math
+import queue
+import subprocess
+import sys
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from envs.tabletop2d import INSTRUCTIONS, Tabletop2D, expert_chunk
+from world_model import (Collect, ContextBank, ImaginationSlots, ImaginedEnv, LocalWorldModel, RealResetContexts,
+                         ServedWorldModel, SlotShape, StepReplay, SuccessSampler, TransitionData, WorldModel, WorldModelConfig,
+                         WorldModelServer, WorldModelTrainer, collect, evaluate, load_optimizer_state, main, psnr, read_episodes,
+                         reward_metrics, ssim)
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 32
+CHUNK = 8
+HORIZON = 12  # imagined env steps: one full chunk, then a chunk cut short by the time limit
+TINY = dict(image_size=SIZE, channels=(8, 16), blocks_per_level=1, reward_channels=(8, 16), reward_hidden=32,
+            action_embed_dim=8, instructions=INSTRUCTIONS)
+
+
+def tiny_model(seed: int = 0, success_bias: float | None = None) -> WorldModel:
+    torch.manual_seed(seed)
+    model = WorldModel(WorldModelConfig(**TINY)).eval()
+    if success_bias is not None:  # pin the end signal: always success, or never
+        with torch.no_grad():
+            model.reward.head[-1].weight.zero_()
+            model.reward.head[-1].bias.fill_(success_bias)
+    return model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models on shared cores: a second torch thread that waits for a core stalls every op (measured
+    here: imagination 20x slower with 2 threads than with 1; sft.py's --threads note)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """Weak-policy episodes (both outcomes) written by `collect` in demos.py's layout."""
+    out = tmp_path_factory.mktemp("wm_data")
+    summary = collect(Collect(episodes=3, image_size=SIZE, out=str(out), seed=3))
+    assert len(summary["tasks"]) == 4
+    return out
+
+
+@pytest.fixture(scope="module")
+def episodes(data_dir) -> list[dict]:
+    return read_episodes((str(data_dir),), SIZE)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------
+def test_transitions_pad_episode_starts_and_label_successes(episodes):
+    data = TransitionData(episodes, INSTRUCTIONS, context_frames=4)
+    assert len(data) == sum(len(e["actions"]) for e in episodes)
+    e = next(i for i, ep in enumerate(episodes) if ep["success"] and len(ep["actions"]) >= 3)
+    first, end = data.episodes[e]
+    ep = episodes[e]
+    batch = data.batch(torch.tensor([first, first + 2, end - 1]))
+    # the first step: its frame four times, zero actions except its own
+    assert all(np.array_equal(batch["frames"][0, k].numpy(), ep["images"][0]) for k in range(4))
+    assert torch.all(batch["actions"][0, :3] == 0) and np.allclose(batch["actions"][0, 3].numpy(), ep["actions"][0])
+    # step 2: frames 0, 0, 1, 2 and actions 0, a0, a1, a2
+    assert [int(np.argmax([np.array_equal(batch["frames"][1, k].numpy(), f) for f in ep["images"][:3]]))
+            for k in range(4)] == [0, 0, 1, 2]
+    assert np.allclose(batch["actions"][1, 1:].numpy(), ep["actions"][:3]) and torch.all(batch["actions"][1, 0] == 0)
+    assert np.array_equal(batch["next_frame"][1].numpy(), ep["images"][3])
+    # the last step: success label, no recorded successor frame
+    assert batch["has_next"].tolist() == [True, True, False]
+    assert batch["success"].tolist() == [0.0, 0.0, 1.0]
+    assert int(data.success.sum()) == sum(bool(ep["success"]) for ep in episodes)
+    assert int(data.task[first]) == INSTRUCTIONS.index(ep["instruction"])
+
+
+def test_success_sampler_weights_keep_the_loss_unbiased(episodes):
+    data = TransitionData(episodes, INSTRUCTIONS, 4)
+    sampler = SuccessSampler(data, batch_size=16, success_fraction=0.25, generator=torch.Generator().manual_seed(0))
+    batch = sampler.sample()
+    assert int(batch["success"].sum()) == 4
+    rate = float(data.success.float().mean())
+    # E[weight x indicator] reproduces the real frequencies: share x w+ = rate, (1 - share) x w- = 1 - rate
+    assert math.isclose(0.25 * sampler.weight_positive, rate, rel_tol=1e-6)
+    assert math.isclose(0.75 * sampler.weight_negative, 1 - rate, rel_tol=1e-6)
+    assert sum(len(sampler.sample()["success"]) for _ in range(20)) == 320  # wraps around its passes
+
+
+def test_step_replay_gives_the_transitions_of_the_files(episodes):
+    """Real steps written one by one into a small ring (it wraps around) come back as the same batches as
+    TransitionData builds from the episodes."""
+    data = TransitionData(episodes, INSTRUCTIONS, 4)
+    replay = StepReplay(num_envs=2, capacity=40, image_size=SIZE, context_frames=4, proprio_dim=3, share=False)
+    for e in episodes:
+        for t in range(len(e["actions"])):
+            last = t == len(e["actions"]) - 1
+            replay.add(1, e["images"][t], e["actions"][t], INSTRUCTIONS.index(e["instruction"]), t,
+                       bool(e["success"]) and last)
+    written = int(replay.written[1])
+    assert written == len(data) and len(replay) == 40 - 4 - 2
+    positions = torch.arange(written - len(replay), written)
+    got, want = replay.batch(torch.ones_like(positions), positions), data.batch(positions)
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    batch = replay.sample(64, torch.Generator().manual_seed(0))
+    assert batch["frames"].shape == (64, 4, SIZE, SIZE, 3) and batch["success"].shape == (64,)
+    # recent real steps as starts of imagined episodes
+    task = int(want["task_id"][-1])
+    ctx = replay.start_context(np.random.default_rng(0), task_id=task)
+    assert ctx.task_id == task and ctx.frames.shape == (4, SIZE, SIZE, 3) and ctx.past_actions.shape == (3, 7)
+    assert any(np.array_equal(ctx.frames[-1], f) for f in data.images[-len(replay):].numpy())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------
+def test_denoiser_and_reward_losses_fall_on_a_tiny_dataset(episodes):
+    model = tiny_model().train()
+    data = TransitionData(episodes, INSTRUCTIONS, 4)
+    fixed = data.batch(torch.nonzero(data.has_next).squeeze(1)[:32])
+
+    def fixed_loss() -> float:  # same sigmas and noise every time
+        with torch.no_grad():
+            return model.denoiser(fixed, torch.Generator().manual_seed(0))[0].item()
+
+    before = fixed_loss()
+    trainer = WorldModelTrainer(model, lr=3e-3, warmup_updates=1)
+    sampler = SuccessSampler(data, 16, 0.25, torch.Generator().manual_seed(1))
+    reward_losses = []
+    for _ in range(40):
+        metrics = trainer.train_step(sampler.sample())
+        reward_losses.append(metrics["wm/reward_loss"])
+        assert set(metrics) >= {"wm/loss", "wm/denoiser_loss", "wm/reward_loss", "wm/grad_norm", "wm/lr"}
+    after = fixed_loss()
+    assert after < 0.6 * before, (before, after)
+    assert np.mean(reward_losses[-10:]) < np.mean(reward_losses[:10])
+
+
+def test_reward_metrics_against_hand_computed_values():
+    m = reward_metrics(np.array([0.1, 0.4, 0.6, 0.9]), np.array([0, 1, 0, 1]))
+    assert m["accuracy"] == 0.5 and m["precision"] == 0.5 and m["recall"] == 0.5 and m["balanced_accuracy"] == 0.5
+    assert math.isclose(m["auroc"], 0.75)  # 3 of the 4 (positive, negative) pairs are ordered right
+    assert math.isclose(m["ece"], (0.1 + 0.6 + 0.6 + 0.1) / 4)  # one value per bin
+    assert math.isclose(m["brier"], (0.01 + 0.36 + 0.36 + 0.01) / 4)
+    assert math.isclose(reward_metrics(np.array([0.5, 0.5]), np.array([1, 0]))["auroc"], 0.5)  # ties count half
+    calibrated = reward_metrics(np.array([0.25] * 4), np.array([1, 0, 0, 0]))
+    assert calibrated["ece"] == 0.0 and calibrated["accuracy"] == 0.75 and calibrated["balanced_accuracy"] == 0.5
+    assert math.isnan(reward_metrics(np.array([0.2, 0.3]), np.array([0, 0]))["auroc"])
+
+
+def test_psnr_and_ssim():
+    rng = np.random.default_rng(0)
+    a = torch.from_numpy(rng.integers(0, 256, (2, SIZE, SIZE, 3), dtype=np.uint8))
+    assert torch.allclose(ssim(a, a), torch.ones(2))
+    assert torch.allclose(psnr(a, a), torch.full((2,), 10 * math.log10(255 ** 2 * SIZE * SIZE * 3)))
+    b = a.clone()
+    b[0] = (a[0].int() ^ 4).to(torch.uint8)  # every value off by exactly 4
+    assert math.isclose(float(psnr(a, b)[0]), 10 * math.log10(255 ** 2 / 16), rel_tol=1e-5)
+    assert float(ssim(a, b)[0]) < 1.0
+
+
+def test_imagine_rows_do_not_depend_on_the_batch():
+    model = tiny_model()
+    rng = np.random.default_rng(0)
+    frames = torch.from_numpy(rng.integers(0, 256, (3, 4, SIZE, SIZE, 3), dtype=np.uint8))
+    past, actions = torch.rand(3, 3, 7) * 2 - 1, torch.rand(3, 5, 7) * 2 - 1
+    tasks, seeds = torch.tensor([0, 1, 2]), [11, 12, 13]
+    batched_frames, batched_p = model.imagine(frames, past, actions, tasks, seeds)
+    assert batched_frames.dtype == torch.uint8 and batched_frames.shape == (3, 5, SIZE, SIZE, 3)
+    for b in range(3):
+        f, p = model.imagine(frames[b:b + 1], past[b:b + 1], actions[b:b + 1], tasks[b:b + 1], seeds[b:b + 1])
+        assert (f[0].int() - batched_frames[b].int()).abs().max() <= 1  # float reductions may round differently
+        assert torch.allclose(p[0], batched_p[b], atol=1e-5)
+
+
+def test_save_load_round_trip(tmp_path):
+    model = tiny_model(seed=3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss = sum(p.square().sum() for p in model.parameters())
+    loss.backward()
+    optimizer.step()
+    path = model.save(tmp_path / "wm", extra={"note": "test"}, optimizer=optimizer)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wm"]  # no temporary directory left behind
+    loaded = WorldModel.load(path)
+    assert loaded.cfg == model.cfg
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    fresh = torch.optim.AdamW(loaded.parameters(), lr=1e-3)
+    assert load_optimizer_state(path, fresh)
+    assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+    args = (torch.zeros(1, 4, SIZE, SIZE, 3, dtype=torch.uint8), torch.zeros(1, 3, 7), torch.ones(1, 2, 7),
+            torch.tensor([1]), [5])
+    for x, y in zip(model.imagine(*args), loaded.imagine(*args)):
+        assert torch.equal(x, y)
+    model.save(path)  # overwriting keeps one complete directory
+    assert (path / "model.safetensors").is_file() and not (path / "optimizer.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The env contract, shared by the real env and the imagined one
+# ---------------------------------------------------------------------------------------------------
+@contextmanager
+def served(model: WorldModel):
+    """A WorldModelServer stepped by a thread (queue.Queue, unshared slots): the process wiring in one process."""
+    slots = ImaginationSlots(SlotShape(num_slots=2, context_frames=4, image_size=SIZE, action_dim=7,
+                                       max_actions=CHUNK), share=False)
+    requests, replies = queue.Queue(maxsize=4), [queue.Queue(maxsize=2)]
+    server = WorldModelServer(model, slots, requests, replies, poll_s=0.01, max_batch=2, batch_timeout_ms=1.0)
+    stop = threading.Event()
+    thread = threading.Thread(target=lambda: [server.step() for _ in iter(stop.is_set, True)], daemon=True)
+    thread.start()
+    try:
+        yield ServedWorldModel(model.cfg, client=0, slot=1, slots=slots, requests=requests, replies=replies[0],
+                               wait_timeout_s=30.0, poll_s=0.01, should_stop=stop.is_set)
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+
+
+@contextmanager
+def env_under_test(kind: str, ending: str):
+    """(env, policy) where the policy's episode ends by `ending`: "terminated" (success) or "truncated"."""
+    if kind == "tabletop2d":
+        env = Tabletop2D(image_size=SIZE, seed=0)
+        if ending == "terminated":
+            yield env, lambda: expert_chunk(env, CHUNK)
+        else:  # standing still with the gripper open never succeeds
+            yield env, lambda: np.zeros((CHUNK, 7))
+        return
+    model = tiny_model(success_bias=20.0 if ending == "terminated" else -20.0)
+    real = Tabletop2D(image_size=SIZE, seed=1)
+    contexts = RealResetContexts(real, context_frames=4)
+    rng = np.random.default_rng(0)
+
+    def policy():
+        return rng.uniform(-1, 1, (CHUNK, 7))
+
+    if kind == "imagined":
+        yield ImaginedEnv(real.spec, LocalWorldModel(model), contexts, HORIZON, seed=0), policy
+    else:
+        with served(model) as client:
+            yield ImaginedEnv(real.spec, client, contexts, HORIZON, seed=0), policy
+
+
+def check_observation(env, obs: dict) -> None:
+    spec = env.spec
+    assert set(obs) == set(spec.cameras) | {"proprio"}
+    for camera in spec.cameras:
+        assert obs[camera].dtype == np.uint8 and obs[camera].shape == (spec.image_size, spec.image_size, 3)
+    assert obs["proprio"].dtype == np.float32 and obs["proprio"].shape == (spec.proprio_dim,)
+
+
+@pytest.mark.parametrize("kind", ["tabletop2d", "imagined", "imagined-served"])
+@pytest.mark.parametrize("ending", ["terminated", "truncated"])
+def test_env_contract(kind, ending):
+    with env_under_test(kind, ending) as (env, policy):
+        with pytest.raises(RuntimeError):  # no step before reset
+            env.step_chunk(policy())
+        obs = env.reset(task_id=2, seed=7)
+        check_observation(env, obs)
+        assert env.task_id == 2 and env.instruction == INSTRUCTIONS[2]
+        total_steps, done, ret = 0, False, 0.0
+        while not done:
+            obs, reward, terminated, truncated, info = env.step_chunk(policy())
+            check_observation(env, obs)
+            assert set(info) == {"success", "task_id", "env_steps"}
+            assert type(reward) is float and type(terminated) is bool and type(truncated) is bool
+            assert type(info["success"]) is bool and info["task_id"] == 2 and 1 <= info["env_steps"] <= CHUNK
+            assert not (terminated and truncated)
+            total_steps += info["env_steps"]
+            ret += reward
+            done = terminated or truncated
+            if not done:
+                assert info["env_steps"] == CHUNK  # only an ending cuts a chunk short
+        assert total_steps <= env.spec.max_episode_steps
+        if ending == "terminated":
+            assert terminated and info["success"] and ret > 0.5
+        else:
+            assert truncated and not info["success"] and total_steps == env.spec.max_episode_steps
+        with pytest.raises(RuntimeError):  # the episode is over
+            env.step_chunk(policy())
+        # the same seed replays the same start; a single step is a chunk of one
+        again = env.reset(task_id=2, seed=7)
+        assert np.array_equal(again["image"], env.reset(task_id=2, seed=7)["image"])
+        _, _, _, _, info = env.step(policy()[0])
+        assert info["env_steps"] == 1
+
+
+def test_imagined_env_is_deterministic_and_served_equals_local(episodes):
+    model = tiny_model(seed=5)
+    spec = Tabletop2D(image_size=SIZE).spec
+    bank = ContextBank(episodes, INSTRUCTIONS, context_frames=4)
+    actions = np.random.default_rng(0).uniform(-1, 1, (2, CHUNK, 7))
+
+    def rollout(client) -> list:
+        env = ImaginedEnv(spec, client, bank, horizon_env_steps=64, seed=0)
+        out = [env.reset(task_id=1, seed=3)["image"]]
+        for chunk in actions:
+            obs, reward, terminated, truncated, _ = env.step_chunk(chunk)
+            out += [obs["image"], reward, terminated]
+            if terminated or truncated:
+                break
+        return out
+
+    local = rollout(LocalWorldModel(model))
+    assert all(np.array_equal(a, b) for a, b in zip(local, rollout(LocalWorldModel(model))))
+    with served(model) as client:
+        remote = rollout(client)
+    assert len(local) == len(remote)
+    for a, b in zip(local, remote):
+        assert np.array_equal(a, b)
+
+
+def test_server_loads_published_weights():
+    """A trainer publishes new world-model weights (WeightBroadcast, version counter); the server serves
+    them from its next request on and stamps the version into the reply slot."""
+    from pipeline import WeightBroadcast
+
+    model = tiny_model(success_bias=-20.0)
+    weights = WeightBroadcast(model.state_dict(), share=False)
+    slots = ImaginationSlots(SlotShape(1, 4, SIZE, 7, CHUNK), share=False)
+    requests, replies = queue.Queue(), [queue.Queue()]
+    server = WorldModelServer(model, slots, requests, replies, poll_s=0.0, max_batch=1, weights=weights)
+    client = ServedWorldModel(model.cfg, 0, 0, slots, requests, replies[0], poll_s=0.0,
+                              should_stop=lambda: server.step() or False)  # serve while waiting
+    frames, past, actions = np.zeros((4, SIZE, SIZE, 3), np.uint8), np.zeros((3, 7)), np.zeros((2, 7))
+    assert client.imagine(frames, past, actions, 0, 1)[1].max() < 1e-6
+    trained = tiny_model(success_bias=20.0)
+    weights.publish(trained.state_dict(), version=3)
+    assert client.imagine(frames, past, actions, 0, 1)[1].min() > 1 - 1e-6
+    assert int(slots.version[0]) == 3 and server.version == 3
+
+
+def test_context_bank_starts_from_real_frames(episodes):
+    bank = ContextBank(episodes, INSTRUCTIONS, context_frames=4, start="first")
+    ctx = bank(np.random.default_rng(0), task_id=3)
+    ep = next(e for e in episodes if e["instruction"] == INSTRUCTIONS[3])
+    assert ctx.task_id == 3 and ctx.env_step == 0 and ctx.frames.shape == (4, SIZE, SIZE, 3)
+    assert np.array_equal(ctx.frames[-1], ctx.frames[0]) and not ctx.past_actions.any()  # padded start
+    assert any(np.array_equal(ctx.frames[-1], e["images"][0]) for e in episodes if e["instruction"] == INSTRUCTIONS[3])
+    assert ctx.proprio.shape == ep["proprio"][0].shape
+    anywhere = ContextBank(episodes, INSTRUCTIONS, context_frames=4)
+    ctx = anywhere(np.random.default_rng(1), task_id=None)
+    assert 0 <= ctx.env_step < 64 and ctx.past_actions.shape == (3, 7)
+
+
+def test_imagined_env_refuses_a_mismatched_spec():
+    model = tiny_model()
+    env = Tabletop2D(image_size=64)
+    with pytest.raises(ValueError, match="px"):
+        ImaginedEnv(env.spec, LocalWorldModel(model), RealResetContexts(env, 4), HORIZON)
+    wrist = Tabletop2D(image_size=SIZE, wrist_camera=True)
+    with pytest.raises(ValueError, match="wrist"):
+        ImaginedEnv(wrist.spec, LocalWorldModel(model), RealResetContexts(wrist, 4), HORIZON)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------------------------------
+def test_train_and_eval_commands(data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    flags = ["--model.image-size", str(SIZE), "--model.channels", "8", "16", "--model.blocks-per-level", "1",
+             "--model.reward-channels", "8", "16", "--model.reward-hidden", "32", "--model.action-embed-dim", "8"]
+    result = subprocess.run(
+        [sys.executable, "world_model.py", "train", "--data", str(data_dir), "--run-dir", str(run), "--total-updates",
+         "4", "--batch-size", "4", "--log-every-updates", "2", "--eval-windows", "8", "--holdout-fraction", "0.3",
+         "--threads", "1", *flags], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| open-loop PSNR (dB) |" in result.stdout
+    assert (run / "world_model" / "model.safetensors").is_file() and (run / "wm_strip.png").is_file()
+    assert main(["eval", "--checkpoint", str(run / "world_model"), "--data", str(data_dir), "--holdout-fraction",
+                 "0.3", "--windows", "8", "--horizons", "1", "2", "--strip", str(tmp_path / "strip.png")]) == 0
+    out = capsys.readouterr().out
+    assert "reward model on real contexts" in out and (tmp_path / "strip.png").is_file()
+
+
+def test_evaluate_reports_every_metric(episodes):
+    data = TransitionData(episodes, INSTRUCTIONS, 4)
+    metrics, image = evaluate(tiny_model(), data, horizons=(1, 2, 4, 8), windows=16, strip_steps=3)
+    for key in ("next_frame_psnr", "next_frame_ssim", "open_loop_psnr_h8", "copy_last_psnr_h8", "reward_accuracy",
+                "reward_ece", "reward_auroc", "reward_auroc_imagined"):
+        assert key in metrics, key
+    assert image.dtype == np.uint8 and image.shape[1] == 3 * SIZE + 4  # real | imagined | difference
