@@ -137,6 +137,10 @@ class PolicyConfig:
     first attention query already asks for what the instruction names (one hop from words to image
     regions instead of two: slot -> instruction -> image). Measured on tabletop2d (docs/RESULTS.md): no faster
     learning, alone or with FiLM; kept for ablations."""
+    bypass_decoder: bool = False
+    """Ablation, not a VLA (ResNet tower): every action slot's state is its slot embedding plus an MLP of [the
+    flattened feature map, the instruction code], as in a plain CNN + task embedding policy; the decoder is
+    skipped. Tells whether RL or the VLA trunk limits learning (docs/RESULTS.md)."""
     instruction_film: bool = False
     """Condition the ResNet tower on the instruction (FiLM after every stage, as RT-1's FiLM-EfficientNet):
     the vision tokens then already mark what the instruction names, instead of the decoder having to
@@ -242,6 +246,8 @@ class PolicyConfig:
             raise ValueError("the patch grid side must be a multiple of vision_token_merge")
         if self.instruction_film and self.vision_tower != "resnet":
             raise ValueError("instruction_film conditions the ResNet tower: set vision_tower='resnet'")
+        if self.bypass_decoder and self.vision_tower != "resnet":
+            raise ValueError("bypass_decoder reads the ResNet tower's feature map: set vision_tower='resnet'")
         if self.max_instruction_tokens < 2:
             raise ValueError("max_instruction_tokens must leave room for bos and eos (>= 2)")
         if self.language_tokens < 1 or self.lora_rank < 0:
@@ -688,7 +694,12 @@ class VLAPolicy(nn.Module):
             with torch.no_grad():
                 table = self.vision.embeddings.position_embedding.weight
                 table.copy_(_sincos_2d(cfg.image_size // cfg.patch_size, cfg.vision_hidden) * 0.5)
-        if cfg.instruction_film or cfg.instruction_slots:
+        if cfg.bypass_decoder:
+            side = cfg.image_size // 2 ** (len(cfg.resnet_widths) + 1)
+            self.bypass_mlp = nn.Sequential(
+                nn.Linear(cfg.num_cameras * side * side * cfg.resnet_widths[-1] + cfg.hidden, cfg.hidden), nn.GELU(),
+                nn.Linear(cfg.hidden, cfg.hidden), nn.GELU())
+        if cfg.instruction_film or cfg.instruction_slots or cfg.bypass_decoder:
             self.instruction_position = nn.Parameter(torch.zeros(cfg.max_instruction_tokens, cfg.hidden))
             self.instruction_encoder = nn.Sequential(nn.Linear(cfg.hidden, cfg.hidden), nn.GELU())
         # Two-layer MLP projector into the LM width, as in OpenVLA / LLaVA-1.5.
@@ -832,6 +843,11 @@ class VLAPolicy(nn.Module):
             pixels = pixels.mul_(2.0 / 255.0).sub_(1.0)
         if cfg.vision_tower == "resnet":
             features = self._resnet(pixels, instruction_tokens)              # (B * cams, C, h, w)
+            if cfg.bypass_decoder:
+                code = self._instruction_code(instruction_tokens)
+                state = self.bypass_mlp(torch.cat([features.reshape(batch, -1), code.to(features.dtype)], dim=1))
+                slots = self.action_slots[None] + state[:, None]
+                return slots, slots, torch.ones(slots.shape[:2], dtype=torch.bool, device=device)
             vision = self.projector(features.flatten(2).transpose(1, 2)) + self.vision_position
             vision = vision.reshape(batch, cfg.vision_tokens, cfg.hidden)
         elif cfg.vision_tower == "efficientnet":

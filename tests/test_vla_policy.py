@@ -344,3 +344,21 @@ def test_instruction_conditioning_starts_as_identity_and_reaches_its_target():
     assert codes.shape == (2, slots_policy.cfg.hidden) and not torch.allclose(codes[0], codes[1])
     with pytest.raises(ValueError, match="resnet"):
         PolicyConfig(instruction_film=True)
+
+
+def test_init_scales_and_decoder_bypass():
+    """The init options set what they name; the decoder-bypass ablation acts, trains through its MLP (not the
+    decoder) and needs the ResNet tower."""
+    policy = make_policy(decoder_init_std=0.0625, embedding_init_std=0.3)
+    q = policy.decoder.layers[0].self_attn.q_proj.weight
+    assert abs(q.std().item() - 0.0625) < 0.005
+    assert abs(policy.decoder.embed_tokens.weight.std().item() - 0.3) < 0.02
+    assert abs(policy.action_slots.std().item() - 0.3) < 0.1
+    bypass = make_policy(vision_tower="resnet", bypass_decoder=True)
+    images, tokens = make_inputs(bypass, batch=2)
+    out = bypass.evaluate(images, tokens, bypass.act(images, tokens)["action_tokens"])
+    (out["logp"].sum() + out["value"].sum()).backward()
+    assert bypass.bypass_mlp[0].weight.grad.abs().sum() > 0
+    assert bypass.decoder.layers[0].self_attn.q_proj.weight.grad is None
+    with pytest.raises(ValueError, match="resnet"):
+        PolicyConfig(bypass_decoder=True)
