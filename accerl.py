@@ -4,18 +4,30 @@
     python accerl.py --task libero_10                 # LIBERO-Long, all 10 tasks
     python accerl.py --mode sync                      # the synchronous baseline, same parts
     python accerl.py --eval-only --checkpoint runs/X  # greedy evaluation table
+    python accerl.py --wm-checkpoint runs/W/world_model --num-imagination-workers 2   # + imagination
 
-Read top to bottom: Args -> the process roles (env worker, inference, learner, evaluation) -> GAE and
-the GIPO objective -> main (storage, queues, spawn, supervision, shutdown).
+Read top to bottom: Args -> the process roles (env worker, also the imagination worker; evaluation,
+inference; the world model's server lives in world_model.py) -> the learner (GAE, the GIPO objective,
+world-model training) -> main (storage, queues, spawn, supervision, shutdown).
 
-Who sends what to whom (queues carry indices only; frames and outputs live in shared memory):
+Who sends what to whom (queues carry indices only; frames and outputs live in shared memory). Client c
+is env worker i (c = i), eval worker j (c = #env workers + j) or imagination worker w (after those):
 
-    env_worker_i --(client, env, segment, rows)--> requests[k] --> inference_k    (k = i mod K)
-    env_worker_i <--(env, segment, rows)---------- actions[i] <-- inference_k    (outputs in storage)
+    env_worker_i --(client, env, segment, rows)--> requests[k] --> inference_k    (k = c mod K)
+    env_worker_i <--(env, segment, rows)---------- actions[c] <-- inference_k    (outputs in storage)
     env_worker_i --segment id--> full_segments --> learner --segment id--> free_segments --> env_worker_i
     learner --weights + version (seqlock, shared memory)--> every inference_k
     eval_worker_j <--(round, task, seed)-- eval_jobs <-- main;  eval_worker_j <-> inference_k as above
     every process --(kind, role, payload)--> stats --> main (the only tensorboard writer)
+
+With a world model (--wm-checkpoint, --num-imagination-workers W; reference.md section 5):
+
+    imagination_worker_w: the env worker's code on ImaginedEnvs; requests[k] / actions[c] as above
+    imagination_worker_w --segment id--> imagined_full_segments --> learner   (a share per update, never
+    imagination_worker_w <--segment id-- imagined_free_segments <-- learner    waited for)
+    imagination_worker_w --(w, slot)--> wm_requests --> world_model --slot--> wm_replies[w]  (frames in slots)
+    env_worker_i --every real step (frames, actions)--> replay (shared memory) --> learner, imagined starts
+    learner --world-model weights + version (seqlock), every --wm-train-every-updates--> world_model
 
 With M data-parallel learners (--num-learners), `learner` is learner_0..M-1: learner_0 takes the segment
 ids and sends rank r its share (learner_shares[r]); each rank frees its own; DDP all-reduces gradients;
@@ -38,7 +50,7 @@ import traceback
 from collections import defaultdict, deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Callable, Literal
 
 import numpy as np
 import torch
@@ -50,6 +62,9 @@ from envs import EnvSpec, env_spec, make_env, parse_task
 from pipeline import Counters, Heartbeats, RolloutStorage, StorageShape, TimedGet, WeightBroadcast, free_tcp_port, log
 from vla_policy import (InstructionTokenizer, PolicyConfig, VLAPolicy, cli_with_preset, make_policy,
                         resolve_policy_config)
+from world_model import (ContextBank, ImaginationSlots, ImaginedEnv, LocalWorldModel, RealResetContexts,
+                         ReplayContexts, ServedWorldModel, SlotShape, StepReplay, WorldModel, WorldModelServer,
+                         WorldModelTrainer, load_config, load_optimizer_state, read_episodes)
 
 
 # Args (below) nests one small dataclass per group, so that --help shows one box per group. The groups are
@@ -106,6 +121,46 @@ class EnvArgs:
     init_states: Literal["sampled", "fixed"] = "sampled"
     """LIBERO training episodes start from freshly sampled placements (default) or the suite's fixed
     initial states (which evaluation always uses: training on them leaks the test set)."""
+
+
+@dataclass
+class WorldModelArgs:
+    wm_checkpoint: str | None = None
+    """A world model written by WorldModel.save (`python world_model.py train`); None: no imagination."""
+    num_imagination_workers: int = 0
+    """Imagination worker processes: the env worker's code on envs imagined by the world model."""
+    imagined_envs_per_worker: int = 8
+    """Imagined envs owned by each imagination worker."""
+    imagine_horizon: int = 4
+    """Imagined episode length limit in chunk steps (then truncated and bootstrapped; reference.md: 4-8)."""
+    imagined_share: float = 0.5
+    """Target share of imagined segments in each update's super batch, in (0, 1): the learner adds up to
+    round(S x share / (1 - share)) imagined segments to the S real ones, without ever waiting for them."""
+    wm_start: Literal["replay", "reset", "demos"] = "replay"
+    """Where imagined episodes start: a recent real step from the replay (a fresh real reset until the
+    replay holds the task), a fresh real reset (costs no env step), or a random step of --wm-demos."""
+    wm_demos: tuple[str, ...] = ()
+    """--wm-start demos: HDF5 files or directories of them (demos.py's layout)."""
+    wm_max_batch: int = 16
+    """world_model flushes a batch when this many imagined envs wait (at most one per imagination worker)..."""
+    wm_batch_timeout_ms: float = 5.0
+    """...or when the oldest request has waited this long."""
+    wm_device: str | None = None
+    """Device of the world_model server (default: the first inference server's)."""
+    wm_train_every_updates: int = 0
+    """Train the world model online on the replay of real steps every this many policy updates (0: frozen)."""
+    wm_train_steps: int = 1
+    """World-model optimiser steps each time it trains."""
+    wm_batch_size: int = 32
+    """Real transitions per world-model optimiser step."""
+    wm_lr: float = 1e-4
+    """World-model learning rate (AdamW, weight decay 1e-2, grad clip 1; reference.md section 5)."""
+    wm_replay_steps_per_env: int = 2000
+    """Recent real steps kept per real env for world-model training and imagined starts (shared memory)."""
+
+    # derived (set by derive_and_check after parsing)
+    imagined_segments_per_update: int = 0
+    """Derived: imagined segments the learner adds to each update (at most; never waited for)."""
 
 
 @dataclass
@@ -211,6 +266,8 @@ class Args:
     """The simulator: task suite, cameras, simulated step cost (envs/)."""
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     """The VLA policy (vla_policy.py)."""
+    wm: Annotated[WorldModelArgs, tyro.conf.OmitArgPrefixes] = field(default_factory=WorldModelArgs)
+    """The world model as an extra rollout source: imagination workers, its server, online training."""
     workers: Annotated[WorkersArgs, tyro.conf.OmitArgPrefixes] = field(default_factory=WorkersArgs)
     """Processes and their batching: env / eval workers, inference batches, segments, evaluation rounds."""
     algorithm: Annotated[AlgorithmArgs, tyro.conf.OmitArgPrefixes] = field(default_factory=AlgorithmArgs)
@@ -283,10 +340,18 @@ def derive_and_check(args: Args) -> Args:
         log("main", f"--policy.max-instruction-tokens {args.policy.max_instruction_tokens} -> {longest} "
                     f"(the longest instruction of {args.env.task})")
         args.policy.max_instruction_tokens = longest
+    if args.experiment.eval_only:  # evaluation runs on the real env only: no imagination, no training
+        args.wm.num_imagination_workers, args.wm.wm_train_every_updates = 0, 0
+    problems = world_model_problems(args, spec)
+    if problems:
+        raise SystemExit("accerl: bad world-model arguments:\n  " + "\n  ".join(problems))
     args.workers.num_envs = args.workers.num_env_workers * args.workers.envs_per_worker
     if args.experiment.mode == "sync":
         # lockstep: every env contributes one segment per update, collected with one policy version
         args.workers.segments_per_update = args.workers.num_envs
+    if args.wm.num_imagination_workers:  # S real segments + n imagined: n / (S + n) = share
+        share = args.wm.imagined_share
+        args.wm.imagined_segments_per_update = max(1, round(args.workers.segments_per_update * share / (1 - share)))
     learners = args.workers.num_learners
     if args.workers.segments_per_update % learners and not args.experiment.eval_only:
         raise SystemExit(
@@ -301,6 +366,67 @@ def derive_and_check(args: Args) -> Args:
                          "chunk steps of each learner rank: lower it or raise --segments-per-update")
     args.policy.num_cameras = 2 if args.env.wrist_camera else 1
     return args
+
+
+def world_model_problems(args: Args, spec: EnvSpec) -> list[str]:
+    """Bad world-model options (derive_and_check reports them before anything is spawned)."""
+    wm, problems = args.wm, []
+    if wm.num_imagination_workers < 0 or wm.wm_train_every_updates < 0:
+        return ["--num-imagination-workers and --wm-train-every-updates must be >= 0"]
+    imagination = wm.num_imagination_workers > 0
+    if not imagination and not wm.wm_train_every_updates:
+        return []
+    if not wm.wm_checkpoint:
+        return ["--num-imagination-workers / --wm-train-every-updates need --wm-checkpoint DIR (a world model "
+                "written by `python world_model.py train`)"]
+    try:
+        cfg = load_config(wm.wm_checkpoint)
+    except (OSError, TypeError, ValueError) as exc:
+        return [f"--wm-checkpoint: {exc}"]
+    if not (Path(wm.wm_checkpoint) / "model.safetensors").is_file():
+        problems.append(f"--wm-checkpoint {wm.wm_checkpoint} holds no model.safetensors")
+    if cfg.image_size != args.policy.image_size:
+        problems.append(f"the world model in --wm-checkpoint imagines {cfg.image_size} px frames, the policy sees "
+                        f"{args.policy.image_size} px: pass --policy.image-size {cfg.image_size} or train a world "
+                        f"model at {args.policy.image_size} px")
+    missing = [text for text in spec.instructions if text not in cfg.instructions]
+    if missing:
+        problems.append(f"the world model in --wm-checkpoint was not trained on the tasks of --task {args.env.task} "
+                        f"(e.g. {missing[0]!r})")
+    if cfg.action_dim != args.policy.action_dim:
+        problems.append(f"the world model takes {cfg.action_dim}-D actions, the policy gives "
+                        f"{args.policy.action_dim}-D")
+    if imagination:
+        if args.env.wrist_camera:
+            problems.append("the world model imagines the third-person camera only: drop --wrist-camera to use "
+                            "imagination workers")
+        if args.experiment.mode == "sync":
+            problems.append("--mode sync steps every env in lockstep with the learner; imagination workers need "
+                            "--mode async or serial")
+        if wm.imagined_envs_per_worker < 1 or wm.imagine_horizon < 1:
+            problems.append("--imagined-envs-per-worker and --imagine-horizon must be >= 1")
+        if not 0 < wm.imagined_share < 1:
+            problems.append(f"--imagined-share {wm.imagined_share} must be in (0, 1) with imagination workers "
+                            "(the share of imagined segments in each update)")
+        if wm.wm_max_batch < 1 or wm.wm_batch_timeout_ms < 0:
+            problems.append("--wm-max-batch must be >= 1 and --wm-batch-timeout-ms >= 0")
+        if wm.wm_start == "demos" and not wm.wm_demos:
+            problems.append("--wm-start demos needs --wm-demos FILE_OR_DIR ...")
+        problems += [f"--wm-demos: {path} does not exist" for path in wm.wm_demos
+                     if wm.wm_start == "demos" and not Path(path).exists()]
+        if wm.wm_device is not None:
+            problems += device_problems("--wm-device", [wm.wm_device])
+    if wm.wm_train_every_updates and (wm.wm_train_steps < 1 or wm.wm_batch_size < 1 or wm.wm_lr <= 0):
+        problems.append("--wm-train-steps and --wm-batch-size must be >= 1, --wm-lr > 0")
+    if uses_replay(args) and wm.wm_replay_steps_per_env < cfg.context_frames + 4:
+        problems.append(f"--wm-replay-steps-per-env must be >= {cfg.context_frames + 4} (context frames + 4)")
+    return problems
+
+
+def uses_replay(args: Args) -> bool:
+    """The env workers record every real step into the replay: for imagined starts or world-model training."""
+    wm = args.wm
+    return bool(wm.wm_train_every_updates or (wm.num_imagination_workers and wm.wm_start == "replay"))
 
 
 def load_policy_config(directory: str) -> PolicyConfig:
@@ -349,7 +475,8 @@ def placement_problems(args: Args) -> list[str]:
     if w.learner_devices and len(w.learner_devices) != w.num_learners:
         problems.append(f"--learner-devices names {len(w.learner_devices)} devices for {w.num_learners} learner(s): "
                         f"name one per rank or set --num-learners {len(w.learner_devices)}")
-    clients = (0 if args.experiment.eval_only else w.num_env_workers) + w.num_eval_workers
+    clients = (0 if args.experiment.eval_only else w.num_env_workers + args.wm.num_imagination_workers) \
+        + w.num_eval_workers
     if w.num_inference_servers > clients:
         problems.append(f"--num-inference-servers {w.num_inference_servers} but only {clients} env/eval worker(s) send "
                         "requests (a server without clients idles): lower it or raise --num-env-workers")
@@ -358,17 +485,7 @@ def placement_problems(args: Args) -> list[str]:
     if problems:
         return problems
     learner, inference = resolve_devices(args)
-    gpus = torch.cuda.device_count()
-    for flag, devices in (("--learner-devices", learner), ("--inference-devices", inference)):
-        for d in dict.fromkeys(devices):
-            try:
-                device = torch.device(d)
-            except RuntimeError:
-                problems.append(f"{flag}: {d!r} is not a device (cpu, cuda, cuda:N)")
-                continue
-            if device.type == "cuda" and (device.index or 0) >= gpus:
-                problems.append(f"{flag}: {d} but torch sees {gpus} GPU(s){f' (cuda:0..{gpus - 1})' if gpus else ''}: "
-                                "place fewer processes, name visible devices, or use --device cpu")
+    problems = device_problems("--learner-devices", learner) + device_problems("--inference-devices", inference)
     if problems:
         return problems
     if len({torch.device(d).type for d in learner}) > 1:
@@ -377,6 +494,21 @@ def placement_problems(args: Args) -> list[str]:
     if len(set(cuda_ranks)) < len(cuda_ranks):
         problems.append(f"learner ranks on {learner}: NCCL runs one rank per GPU; name distinct --learner-devices "
                         "or lower --num-learners")
+    return problems
+
+
+def device_problems(flag: str, devices: list[str]) -> list[str]:
+    """Devices that torch cannot name or does not see."""
+    problems, gpus = [], torch.cuda.device_count()
+    for d in dict.fromkeys(devices):
+        try:
+            device = torch.device(d)
+        except RuntimeError:
+            problems.append(f"{flag}: {d!r} is not a device (cpu, cuda, cuda:N)")
+            continue
+        if device.type == "cuda" and (device.index or 0) >= gpus:
+            problems.append(f"{flag}: {d} but torch sees {gpus} GPU(s){f' (cuda:0..{gpus - 1})' if gpus else ''}: "
+                            "place fewer processes, name visible devices, or use --device cpu")
     return problems
 
 
@@ -413,12 +545,22 @@ class Channels:
     learner_shares: list  # per learner rank r >= 1: its segment ids of the next update ([]: stop)
     eval_jobs: object  # (round, task_id, episode_seed) for eval workers
     stats: object  # (kind, role, payload) for the main process
+    imagined_free_segments: object = None  # segment ids an imagination worker may fill
+    imagined_full_segments: object = None  # filled imagined segment ids for the learner (never waited for)
+    wm_requests: object = None  # (imagination worker w, slot) -> world_model; the request is in the slot
+    wm_replies: list = field(default_factory=list)  # per imagination worker: slot <- world_model
 
 
 def inference_server_of(client: int, args: Args) -> int:
     """Round-robin placement: client c (env worker i is client i, eval worker j is client
-    num_env_workers + j) sends its requests to inference server c mod K."""
+    num_env_workers + j, imagination worker w is client num_env_workers + num_eval_workers + w) sends its
+    requests to inference server c mod K."""
     return client % args.workers.num_inference_servers
+
+
+def imagination_client(w: int, args: Args) -> int:
+    """Client id of imagination worker w: after the env and eval workers."""
+    return args.workers.num_env_workers + args.workers.num_eval_workers + w
 
 
 def numbered(role: str, count: int) -> list[str]:
@@ -436,6 +578,9 @@ class Shared:
     heartbeats: Heartbeats
     train_stop: object  # event: env workers and learner finish
     stop: object  # event: everybody finishes
+    replay: StepReplay | None = None  # recent real steps (world-model training, imagined starts)
+    wm_slots: ImaginationSlots | None = None  # world-model requests and replies, one slot per imagined env
+    wm_weights: WeightBroadcast | None = None  # learner -> world_model (online training)
 
 
 class TaskCurriculum:
@@ -467,35 +612,126 @@ class EnvState:
     restarts: int = 0
 
 
+@dataclass
+class RolloutSource:
+    """Where an env worker's episodes come from and where its segments go: all that differs between
+    `env_worker_i` (the simulator) and `imagination_worker_w` (envs imagined by the world model). The
+    rollout code, EnvWorker, is the same for both and never asks which one it runs (style.md rule 3)."""
+
+    role: str  # "env_worker" | "imagination_worker": the process is <role>_<rank>, its perf tags perf/<role>_*
+    client: int  # inference client id (its reply queue actions[client], its server client mod K), Counters row
+    num_envs: int
+    build_env: Callable[[int, int], object]  # (env index, seed) -> a TaskEnv
+    seed_stream: int  # derive_seed path component of its envs and its task choice
+    free_segments: str  # the Channels queues its segments cycle through
+    full_segments: str
+    counters: tuple[str, str, str, str]  # Counters names of its env steps, chunk steps, episodes, env rebuilds
+    episode_stat: str  # stats kind of a finished episode
+    replay_envs_from: int | None = None  # record every step into shared.replay as envs from here (None: off)
+
+
+class RealEnvs:
+    """`build_env` of env workers: the simulator of --task (picklable: built inside the worker)."""
+
+    def __init__(self, args: Args):
+        self.args = args
+
+    def __call__(self, index: int, seed: int):
+        a = self.args
+        return make_env(a.env.task, image_size=a.policy.image_size, wrist_camera=a.env.wrist_camera, seed=seed,
+                        **env_options(a))
+
+
+def real_rollouts(rank: int, args: Args) -> RolloutSource:
+    """env_worker_i: the simulator; every step also goes to the replay when the world model needs it."""
+    E = args.workers.envs_per_worker
+    return RolloutSource(
+        role="env_worker", client=rank, num_envs=E, build_env=RealEnvs(args), seed_stream=1,
+        free_segments="free_segments", full_segments="full_segments",
+        counters=("global_env_step", "chunk_step", "episodes", "env_restarts"), episode_stat="episode",
+        replay_envs_from=rank * E if uses_replay(args) else None)
+
+
+class ImaginedEnvs:
+    """`build_env` of imagination worker w: ImaginedEnvs (world_model.py) with the real envs' chunked
+    contract. Env i asks the world model through its own slot: served by the `world_model` process
+    (ServedWorldModel), or, in serial mode, in-process (LocalWorldModel, loading what the learner
+    publishes). Episodes start where --wm-start says, last at most --imagine-horizon chunk steps."""
+
+    def __init__(self, w: int, args: Args, spec: EnvSpec, shared: Shared, chan: Channels, serial: bool,
+                 poll_s: float):
+        self.w, self.args, self.spec, self.shared, self.chan = w, args, spec, shared, chan
+        self.serial, self.poll_s = serial, poll_s
+        self.contexts, self.model = None, None  # one per worker, built with its first env
+
+    def _start_contexts(self, cfg, seed: int):
+        a = self.args
+        if a.wm.wm_start == "demos":
+            return ContextBank(read_episodes(a.wm.wm_demos, cfg.image_size), self.spec.instructions,
+                               cfg.context_frames)
+        real = make_env(a.env.task, image_size=a.policy.image_size, seed=seed, **env_options(a))
+        resets = RealResetContexts(real, cfg.context_frames)
+        return resets if a.wm.wm_start == "reset" else ReplayContexts(self.shared.replay, resets)
+
+    def __call__(self, index: int, seed: int):
+        a = self.args
+        cfg = load_config(a.wm.wm_checkpoint)
+        if self.contexts is None:
+            self.contexts = self._start_contexts(cfg, derive_seed(seed, 1))
+        if self.serial:
+            if self.model is None:
+                self.model = LocalWorldModel(WorldModel.load(a.wm.wm_checkpoint), self.shared.wm_weights)
+            client = self.model
+        else:
+            client = ServedWorldModel(cfg, self.w, self.w * a.wm.imagined_envs_per_worker + index, self.shared.wm_slots,
+                                      self.chan.wm_requests, self.chan.wm_replies[self.w], a.workers.wait_timeout_s,
+                                      self.poll_s, should_stop=self.shared.train_stop.is_set)
+        return ImaginedEnv(self.spec, client, self.contexts, a.wm.imagine_horizon * a.policy.chunk_len, seed=seed)
+
+
+def imagined_rollouts(w: int, args: Args, spec: EnvSpec, shared: Shared, chan: Channels, serial: bool,
+                      poll_s: float) -> RolloutSource:
+    """imagination_worker_w: the world model's envs, their own segment pool and counters."""
+    return RolloutSource(
+        role="imagination_worker", client=imagination_client(w, args), num_envs=args.wm.imagined_envs_per_worker,
+        build_env=ImaginedEnvs(w, args, spec, shared, chan, serial, poll_s), seed_stream=6,
+        free_segments="imagined_free_segments", full_segments="imagined_full_segments",
+        counters=("imagined_env_step", "imagined_chunk_step", "imagined_episodes", "imagined_env_restarts"),
+        episode_stat="imagined_episode")
+
+
 class EnvWorker:
     """`env_worker_i`: owns envs, no model. Writes observations into storage rows, asks inference for
     an action chunk, executes it step by step, records the chunk's summed reward, terminated and
-    truncated; hands full segments to the learner."""
+    truncated; hands full segments to the learner. `imagination_worker_w` is this same code on envs the
+    world model imagines (its RolloutSource)."""
 
     def __init__(self, rank: int, args: Args, spec: EnvSpec, shared: Shared, chan: Channels, poll_s: float,
-                 seed_offset: int = 0):
+                 seed_offset: int = 0, source: RolloutSource | None = None):
         self.rank, self.args, self.spec, self.shared, self.chan, self.poll_s = rank, args, spec, shared, chan, poll_s
-        self.name = f"env_worker_{rank}"
-        self.requests = chan.requests[inference_server_of(rank, args)]
+        self.source = src = source or real_rollouts(rank, args)
+        self.name = f"{src.role}_{rank}"
+        self.client = src.client
+        self.requests = chan.requests[inference_server_of(src.client, args)]
+        self.free_segments, self.full_segments = getattr(chan, src.free_segments), getattr(chan, src.full_segments)
         self.T = args.workers.segment_len
         self.seed_offset = seed_offset
-        self.rng = np.random.default_rng(derive_seed(args.experiment.seed, 1, rank, seed_offset))
+        self.rng = np.random.default_rng(derive_seed(args.experiment.seed, src.seed_stream, rank, seed_offset))
         self.curriculum = TaskCurriculum(spec.num_tasks, self.rng)
         self.pinned_task = parse_task(args.env.task)[1]
         tokenizer = InstructionTokenizer()
         self.instructions = tokenizer.encode(list(spec.instructions), args.policy.max_instruction_tokens)
         self.getter = TimedGet(self.name, args.workers.wait_timeout_s)
-        self.envs = [EnvState(env=self._build_env(i, 0)) for i in range(args.workers.envs_per_worker)]
+        self.envs = [EnvState(env=self._build_env(i, 0)) for i in range(src.num_envs)]
         self.sim_s, self.last_report = 0.0, time.perf_counter()
         for i in range(len(self.envs)):
             self._start_first_segment(i)
 
     # -- env life cycle --------------------------------------------------------------------------
     def _build_env(self, index: int, restart: int):
-        return make_env(self.args.env.task, image_size=self.args.policy.image_size,
-                        wrist_camera=self.args.env.wrist_camera,
-                        seed=derive_seed(self.args.experiment.seed, 1, self.rank, index, restart, self.seed_offset),
-                        **env_options(self.args))
+        seed = derive_seed(self.args.experiment.seed, self.source.seed_stream, self.rank, index, restart,
+                           self.seed_offset)
+        return self.source.build_env(index, seed)
 
     def _reset(self, i: int) -> dict:
         e = self.envs[i]
@@ -505,7 +741,7 @@ class EnvWorker:
 
     def _take_free_segment(self) -> int:
         while True:
-            seg = self.getter.get(self.chan.free_segments, "learner (no free segment)", max(self.poll_s, 0.1))
+            seg = self.getter.get(self.free_segments, "learner (no free segment)", max(self.poll_s, 0.1))
             if seg is not None:
                 return seg
             if self.shared.train_stop.is_set():
@@ -524,7 +760,7 @@ class EnvWorker:
                                               self.instructions[e.task_id], e.task_id)
 
     def _request(self, i: int, rows: tuple[int, ...]) -> None:
-        self.requests.put((self.rank, i, self.envs[i].segment, rows, False), timeout=self.args.workers.wait_timeout_s)
+        self.requests.put((self.client, i, self.envs[i].segment, rows, False), timeout=self.args.workers.wait_timeout_s)
 
     # -- the loop --------------------------------------------------------------------------------
     def step(self) -> None:
@@ -532,7 +768,7 @@ class EnvWorker:
             self._resume_envs_with_new_weights()
         if time.perf_counter() - self.last_report > 5.0:
             self._report()
-        msg = self.getter.get(self.chan.actions[self.rank], "inference", self.poll_s)
+        msg = self.getter.get(self.chan.actions[self.client], "inference", self.poll_s)
         if msg is None:
             return
         i, seg, rows = msg
@@ -549,9 +785,10 @@ class EnvWorker:
 
     def _report(self) -> None:
         elapsed = time.perf_counter() - self.last_report
+        role = self.source.role
         self.chan.stats.put(("perf", self.name, {
-            "perf/env_worker_sim_fraction": self.sim_s / elapsed,
-            "perf/env_worker_wait_fraction": self.getter.pop_waited() / elapsed}))
+            f"perf/{role}_sim_fraction": self.sim_s / elapsed,
+            f"perf/{role}_wait_fraction": self.getter.pop_waited() / elapsed}))
         self.sim_s, self.last_report = 0.0, time.perf_counter()
 
     def _finish_segment(self, i: int) -> int:
@@ -559,7 +796,7 @@ class EnvWorker:
         e, storage = self.envs[i], self.shared.storage
         new_segment = self._take_free_segment()
         storage.copy_row((e.segment, self.T), (new_segment, 0))
-        self.chan.full_segments.put(e.segment, timeout=self.args.workers.wait_timeout_s)
+        self.full_segments.put(e.segment, timeout=self.args.workers.wait_timeout_s)
         e.segment, e.episode_start_row = new_segment, 0
         return 0
 
@@ -573,28 +810,33 @@ class EnvWorker:
     def _execute_chunk(self, i: int, row: int) -> None:
         e, storage, T = self.envs[i], self.shared.storage, self.T
         actions = storage.actions[e.segment, row].numpy()
+        record = self.source.replay_envs_from is not None
         start = time.perf_counter()
         try:
-            obs, reward, terminated, truncated, info = e.env.step_chunk(actions)
+            obs, reward, terminated, truncated, info = e.env.step_chunk(actions, record=record)
+        except InterruptedError:  # the env's wait noticed the stop flag
+            raise _Stopping()
         except Exception:  # simulators raise: rebuild the env, drop the episode, go on
             self._restart_env(i, row, traceback.format_exc())
             return
         self.sim_s += time.perf_counter() - start
         seg = e.segment
+        if record:
+            self._record_steps(i, row, actions, info)
         storage.reward[seg, row] = reward
         storage.terminated[seg, row] = bool(terminated)
         storage.truncated[seg, row] = bool(truncated)
         storage.env_steps[seg, row] = info["env_steps"]
-        counters = self.shared.counters
-        counters.add(self.rank, "global_env_step", info["env_steps"])
-        counters.add(self.rank, "chunk_step", 1)
+        counters, (env_steps, chunk_steps, episodes, _) = self.shared.counters, self.source.counters
+        counters.add(self.client, env_steps, info["env_steps"])
+        counters.add(self.client, chunk_steps, 1)
         e.episode_return += reward
         e.episode_env_steps += info["env_steps"]
         if terminated or truncated:
             success = bool(info.get("success", False))
-            counters.add(self.rank, "episodes", 1)
+            counters.add(self.client, episodes, 1)
             self.curriculum.record(e.task_id, success)
-            self.chan.stats.put(("episode", self.name, {
+            self.chan.stats.put((self.source.episode_stat, self.name, {
                 "return": e.episode_return, "length": e.episode_env_steps, "success": success,
                 "task_id": e.task_id, "truncated": bool(truncated)}))
             if truncated:
@@ -609,11 +851,22 @@ class EnvWorker:
         else:
             self._request(i, (row + 1,))
 
+    def _record_steps(self, i: int, row: int, actions: np.ndarray, info: dict) -> None:
+        """Every executed step into the replay: the frame and proprio before the action (the chunk's first
+        from its storage row, the others from info), the action, and whether success followed it."""
+        e, storage, replay = self.envs[i], self.shared.storage, self.shared.replay
+        n = info["env_steps"]
+        frames = [storage.images[e.segment, row, 0].numpy(), *info["frames"][:n - 1]]
+        proprio = [storage.proprio[e.segment, row, :self.spec.proprio_dim].numpy(), *info["proprio"][:n - 1]]
+        for j in range(n):
+            replay.add(self.source.replay_envs_from + i, frames[j], actions[j], e.task_id, e.episode_env_steps + j,
+                       bool(info["success"]) and j == n - 1, proprio[j])
+
     def _restart_env(self, i: int, row: int, tb: str) -> None:
         e, storage = self.envs[i], self.shared.storage
         e.restarts += 1
         log(self.name, f"env {i} raised; rebuilding it and dropping the episode:\n{tb}")
-        self.shared.counters.add(self.rank, "env_restarts", 1)
+        self.shared.counters.add(self.client, self.source.counters[3], 1)
         try:
             e.env.close()
         except Exception:
@@ -972,6 +1225,11 @@ class Learner:
     values with the current critic), advantage normalisation, the per-token objective, one or more
     optimiser steps; then publishes the weights with a new version. Writes checkpoints.
 
+    With imagination workers, a super batch is the real segments (waited for, as always) plus up to
+    imagined_segments_per_update imagined ones that are ready (from --imagined-share; never waited
+    for: imagination never stalls real learning), trained on together (reference.md section 5). With --wm-train-every-updates,
+    rank 0 also trains the world model on the replay of real steps and publishes it to `world_model`.
+
     Data-parallel over M ranks (`learner_0..M-1`, --num-learners): rank 0 takes the super batch's segment
     ids and hands rank r its share (segments r, r + M, ...); every rank copies its share, computes GAE on
     it and trains on it; advantage statistics and loss normalisers are global (all-reduced), gradients are
@@ -1027,8 +1285,34 @@ class Learner:
         self.getter = TimedGet(self.name, args.workers.wait_timeout_s)
         self.segments: list[int] = []
         self.last_update_time = time.perf_counter()
+        self.world_model = self.wm_trainer = None
+        if self.rank == 0 and args.wm.wm_train_every_updates:
+            self._build_world_model_trainer(spec, resume_from)
         if self.rank == 0:
             self.publish(trainable_only=False)
+
+    def _build_world_model_trainer(self, spec: EnvSpec, resume_from: Path | None) -> None:
+        """The world model trained online (reference.md section 5): from --wm-checkpoint, or from the
+        resumed checkpoint's copy (then published at once: `world_model` starts from --wm-checkpoint)."""
+        wm = self.args.wm
+        saved = resume_from / "world_model" if resume_from is not None else None
+        source = saved if saved is not None and saved.is_dir() else Path(wm.wm_checkpoint)
+        self.world_model = WorldModel.load(source, self.device)
+        # no warm-up: the model and (when saved) its optimiser state continue a finished training
+        self.wm_trainer = WorldModelTrainer(self.world_model, lr=wm.wm_lr, weight_decay=1e-2, warmup_updates=0)
+        load_optimizer_state(source, self.wm_trainer.optimizer)
+        for group in self.wm_trainer.optimizer.param_groups:  # this run's rate, whatever the saved state says
+            group["lr"] = group["initial_lr"] = wm.wm_lr
+        train_json = source / "train.json"
+        if source == saved and train_json.is_file():
+            self.wm_trainer.update = int(json.loads(train_json.read_text()).get("online_updates", 0))
+        # the replay stores task ids in the env's order, the reward model numbers tasks in its own
+        cfg = self.world_model.cfg
+        self.wm_task = torch.tensor([cfg.instructions.index(text) for text in spec.instructions])
+        self.wm_generator = torch.Generator().manual_seed(derive_seed(self.args.experiment.seed, 7))
+        if self.wm_trainer.update:
+            self.shared.wm_weights.publish(self.world_model.state_dict(), self.wm_trainer.update)
+        log(self.name, f"world model from {source}, trained online every {wm.wm_train_every_updates} updates")
 
     # -- weights and checkpoints -----------------------------------------------------------------
     def publish(self, trainable_only: bool = True) -> None:
@@ -1040,9 +1324,16 @@ class Learner:
         opt_tensors, opt_meta = ckpt.optimizer_to_tensors(self.optimizer.state_dict())
         meta = {"args": _jsonable(asdict(self.args)), "counters": self.shared.counters.totals(),
                 "optimizer": opt_meta, "scheduler": self.scheduler.state_dict(), "versions": software_versions(self.args)}
-        path = ckpt.save_checkpoint(self.run_dir, self.update, model, opt_tensors, meta)
+        # the world model goes inside the checkpoint: both are installed by one rename
+        path = ckpt.save_checkpoint(self.run_dir, self.update, model, opt_tensors, meta,
+                                    write_extra=self._save_world_model if self.world_model is not None else None)
         log(self.name, f"checkpoint {path}")
         return path
+
+    def _save_world_model(self, checkpoint_dir: Path) -> None:
+        self.world_model.save(checkpoint_dir / "world_model", optimizer=self.wm_trainer.optimizer,
+                              extra={"online_updates": self.wm_trainer.update, "policy_update": self.update,
+                                     "initial": self.args.wm.wm_checkpoint})
 
     def _load(self, path: Path) -> None:
         model, opt_tensors, rng, meta = ckpt.load_checkpoint(path)
@@ -1069,6 +1360,13 @@ class Learner:
         if len(self.segments) < self.args.workers.segments_per_update:
             return
         segments, self.segments = self.segments, []
+        # imagined segments after the real ones (so every rank gets an equal share of the real ones,
+        # segments r, r + M, ...): those that are ready, never waited for
+        for _ in range(self.args.wm.imagined_segments_per_update):
+            try:
+                segments.append(self.chan.imagined_full_segments.get_nowait())
+            except queue.Empty:
+                break
         for r in range(1, self.world_size):
             self.chan.learner_shares[r - 1].put(segments[r::self.world_size], timeout=self.args.workers.wait_timeout_s)
         self._update(segments[::self.world_size])
@@ -1085,6 +1383,8 @@ class Learner:
         if self.rank > 0:
             return
         self.publish()
+        if self.wm_trainer is not None and self.update % self.args.wm.wm_train_every_updates == 0:
+            metrics.update(self._train_world_model())
         now = time.perf_counter()
         metrics["perf/learner_update_s"] = now - self.last_update_time
         metrics["perf/learner_samples_per_s"] = batch["mask"].numel() * self.world_size / (now - self.last_update_time)
@@ -1097,6 +1397,26 @@ class Learner:
         if every and self.update % every == 0:
             self.save()
 
+    def _train_world_model(self) -> dict[str, float]:
+        """--wm-train-steps world-model steps on uniform samples of the replay of real steps, then publish
+        the weights to `world_model` (version = online world-model updates). Returns wm/* metrics."""
+        wm, replay = self.args.wm, self.shared.replay
+        if len(replay) < wm.wm_batch_size:  # too few real steps yet
+            return {}
+        start = time.perf_counter()
+        sums = defaultdict(list)
+        for _ in range(wm.wm_train_steps):
+            batch = replay.sample(wm.wm_batch_size, self.wm_generator)
+            batch["task_id"] = self.wm_task[batch["task_id"]]
+            for key, value in self.wm_trainer.train_step(batch).items():
+                sums[key].append(value)
+        self.world_model.eval()
+        self.shared.wm_weights.publish(self.world_model.state_dict(), self.wm_trainer.update)
+        metrics = {key: float(np.mean(values)) for key, values in sums.items()}
+        metrics.update({"wm/updates": self.wm_trainer.update, "wm/replay_steps": len(replay),
+                        "perf/wm_train_s": time.perf_counter() - start})
+        return metrics
+
     def _assemble(self, segments: list[int]) -> dict[str, torch.Tensor]:
         """Copy the segments out of shared memory, then hand the slots back to the env workers."""
         storage, T = self.shared.storage, self.args.workers.segment_len
@@ -1104,9 +1424,10 @@ class Learner:
         # indexing with a tensor copies; rows 0..T only (row T + 1 is scratch space)
         batch = {name: storage.fields[name][idx, : T + 1] for name in (
             "images", "instruction", "action_tokens", "logp", "log_probs", "value", "version",
-            "reward", "terminated", "truncated", "trunc_value", "valid", "env_steps")}
+            "reward", "terminated", "truncated", "trunc_value", "valid", "env_steps", "imagined")}
         for seg in segments:
-            self.chan.free_segments.put(seg)
+            imagined = bool(storage.imagined[seg, 0])
+            (self.chan.imagined_free_segments if imagined else self.chan.free_segments).put(seg)
         batch["bootstrap_images"] = batch["images"][:, T]
         batch["bootstrap_instruction"] = batch["instruction"][:, T]
         batch["bootstrap_value"] = batch["value"][:, T]
@@ -1144,8 +1465,10 @@ class Learner:
                                                      "mask", "lag", "env_steps")}
         flat["advantages"], flat["returns"], flat["values"] = advantages.flatten(), returns.flatten(), values.flatten()
         mask = flat["mask"]
-        kept = int(mask.sum())
-        total_kept = kept if self.world_size == 1 else int(self._sum_over_ranks(torch.tensor([kept]))[0])
+        kept, kept_imagined = int(mask.sum()), int((mask & batch["imagined"].flatten()).sum())
+        counts = torch.tensor([kept, kept_imagined, mask.numel()])  # the ranks' shares may differ in size
+        total_kept, total_imagined, total_rows = (int(x) for x in (
+            counts if self.world_size == 1 else self._sum_over_ranks(counts)))
         if total_kept == 0:
             return {"charts/samples_kept_fraction": 0.0}
         if args.algorithm.norm_adv and self.world_size == 1:
@@ -1191,7 +1514,8 @@ class Learner:
             "charts/trust_weight_below_1e-3": (w < 1e-3).double().mean().item(),
             "charts/effective_sample_size": ((u.sum() ** 2) / (u.square().sum() + 1e-12) / u.numel()).item(),
             "charts/explained_variance": (1 - (y - v).var() / (y.var() + 1e-8)).item(),
-            "charts/samples_kept_fraction": total_kept / (mask.numel() * self.world_size),
+            "charts/samples_kept_fraction": total_kept / total_rows,
+            "charts/imagined_sample_fraction": total_imagined / total_kept,
             "charts/advantage_mean_raw": advantages.flatten()[mask].mean().item(),
             "charts/lr_policy": self.optimizer.param_groups[0]["lr"],
             "charts/lr_value": self.optimizer.param_groups[1]["lr"],
@@ -1350,6 +1674,8 @@ class Run:
         self.next_round = 0
         self.final_eval: dict | None = None
         self.episode_window = deque(maxlen=100)
+        self.imagined_window = deque(maxlen=100)  # imagined episodes' success (the reward model's end signal)
+        self.wm_updates = 0
         self.flow_started, self.steady_from, self.train_end = None, None, None
         self.warmup_s = min(10.0, args.experiment.max_seconds / 6) if args.experiment.max_seconds else 10.0
         self.learner_rates: list[float] = []
@@ -1368,8 +1694,13 @@ class Run:
     # -- wiring ----------------------------------------------------------------------------------
     def build(self, serial: bool) -> None:
         args, spec = self.args, self.spec
+        wm = args.wm
         num_train = 0 if args.experiment.eval_only else args.workers.num_envs
-        num_segments = num_train + args.workers.segments_per_update * 2 + args.workers.num_eval_workers
+        # segments: real ones, imagined ones (their own pool: imagination never takes a real env's), eval
+        num_real = num_train + args.workers.segments_per_update * 2
+        num_imagined = (wm.num_imagination_workers * wm.imagined_envs_per_worker + wm.imagined_segments_per_update * 2
+                        if wm.num_imagination_workers else 0)
+        num_segments = num_real + num_imagined + args.workers.num_eval_workers
         self.first_eval_segment = num_segments - args.workers.num_eval_workers
         shape = StorageShape(num_segments=num_segments, segment_len=args.workers.segment_len,
                              num_cameras=len(spec.cameras), image_size=args.policy.image_size,
@@ -1378,6 +1709,7 @@ class Run:
                              num_bins=args.policy.num_bins)
         share = not serial
         storage = RolloutStorage(shape, share=share)
+        storage.imagined[num_real:num_real + num_imagined] = True
         with torch.device("meta"):
             skeleton = make_policy(args.policy)
         weights = WeightBroadcast({n: torch.zeros(t.shape, dtype=t.dtype)
@@ -1385,31 +1717,68 @@ class Run:
         num_env_workers = 0 if args.experiment.eval_only else args.workers.num_env_workers
         self.inference_names = numbered("inference", args.workers.num_inference_servers)
         self.learner_names = [] if args.experiment.eval_only else numbered("learner", args.workers.num_learners)
+        W = wm.num_imagination_workers
+        self.world_model_names = ["world_model"] if W and not serial else []  # serial: in-process world models
+        # client c is the c-th name (env, eval, imagination workers): it is also its Counters row
         self.names = ([f"env_worker_{i}" for i in range(num_env_workers)]
                       + [f"eval_worker_{j}" for j in range(args.workers.num_eval_workers)]
-                      + self.inference_names + self.learner_names)
+                      + [f"imagination_worker_{w}" for w in range(W)]
+                      + self.inference_names + self.world_model_names + self.learner_names)
         counters = Counters(len(self.names), share=share)
         heartbeats = Heartbeats(self.names, share=share)
         ctx = mp.get_context("spawn")
         make_q = (lambda n: queue.Queue(maxsize=n)) if serial else (lambda n: ctx.Queue(maxsize=n))
         make_event = threading.Event if serial else ctx.Event
         clients = args.workers.num_env_workers + args.workers.num_eval_workers
+        imagined_envs = W * wm.imagined_envs_per_worker
         self.chan = Channels(
-            requests=[make_q(args.workers.num_envs + args.workers.num_eval_workers + 8) for _ in self.inference_names],
-            actions=[make_q(args.workers.envs_per_worker + 2) for _ in range(clients)],
+            requests=[make_q(args.workers.num_envs + args.workers.num_eval_workers + imagined_envs + 8)
+                      for _ in self.inference_names],
+            actions=([make_q(args.workers.envs_per_worker + 2) for _ in range(clients)]
+                     + [make_q(wm.imagined_envs_per_worker + 2) for _ in range(W)]),
             free_segments=make_q(num_segments + 1), full_segments=make_q(num_segments + 1),
             learner_shares=[make_q(2) for _ in self.learner_names[1:]],
-            eval_jobs=make_q(100_000), stats=make_q(100_000))
+            eval_jobs=make_q(100_000), stats=make_q(100_000),
+            imagined_free_segments=make_q(num_segments + 1) if W else None,
+            imagined_full_segments=make_q(num_segments + 1) if W else None,
+            wm_requests=make_q(imagined_envs + 8) if W else None,
+            wm_replies=[make_q(wm.imagined_envs_per_worker + 2) for _ in range(W)])
         # the data-parallel learner's rendezvous (torch.distributed over TCP on this host)
         self.dist_port = free_tcp_port() if len(self.learner_names) > 1 else None
-        self.shared = Shared(storage, weights, counters, heartbeats, make_event(), make_event())
-        for seg in range(self.first_eval_segment):
+        self.shared = Shared(storage, weights, counters, heartbeats, make_event(), make_event(),
+                             *self._world_model_buffers(serial, num_train))
+        for seg in range(num_real):
             self.chan.free_segments.put(seg)
+        for seg in range(num_real, num_real + num_imagined):
+            self.chan.imagined_free_segments.put(seg)
         if self.resume_meta is not None:
             counters.restore(self.resume_meta["counters"])
         log("main", f"shared storage {storage.nbytes() / 2**20:.0f} MiB: {num_segments} segments x "
                     f"{args.workers.segment_len + 2} rows; "
                     f"weights {sum(t.numel() for t in weights.tensors.values()) / 1e6:.2f} M")
+
+    def _world_model_buffers(self, serial: bool, num_real_envs: int) -> tuple:
+        """(replay, request slots, weight broadcast) of the world model, each None when unused."""
+        args, wm, share = self.args, self.args.wm, not serial
+        if not (wm.num_imagination_workers or wm.wm_train_every_updates):
+            return None, None, None
+        cfg = load_config(wm.wm_checkpoint)
+        replay = slots = weights = None
+        if uses_replay(args):
+            replay = StepReplay(num_real_envs, wm.wm_replay_steps_per_env, args.policy.image_size, cfg.context_frames,
+                                args.policy.action_dim, self.spec.proprio_dim, share=share)
+            log("main", f"replay of real steps: {num_real_envs} envs x {wm.wm_replay_steps_per_env} steps, "
+                        f"{sum(t.numel() * t.element_size() for t in replay.fields.values()) / 2**20:.0f} MiB")
+        if wm.num_imagination_workers and not serial:
+            slots = ImaginationSlots(SlotShape(wm.num_imagination_workers * wm.imagined_envs_per_worker,
+                                               cfg.context_frames, args.policy.image_size, args.policy.action_dim,
+                                               args.policy.chunk_len), share=share)
+        if wm.wm_train_every_updates:
+            with torch.device("meta"):
+                skeleton = WorldModel(cfg)
+            weights = WeightBroadcast({n: torch.zeros(t.shape, dtype=t.dtype)
+                                       for n, t in skeleton.state_dict().items()}, share=share)
+        return replay, slots, weights
 
     def role_builders(self, serial: bool) -> dict[str, object]:
         """name -> zero-argument constructor of that role (called inside the role's process)."""
@@ -1423,8 +1792,19 @@ class Run:
         for j in range(args.workers.num_eval_workers):
             builders[f"eval_worker_{j}"] = _Builder(EvalWorker, j, args.workers.num_env_workers + j, args, spec, shared,
                                                     chan, poll, self.first_eval_segment + j, self.run_dir / "videos")
+        for w in range(args.wm.num_imagination_workers):
+            source = imagined_rollouts(w, args, spec, shared, chan, serial, poll)
+            builders[f"imagination_worker_{w}"] = _Builder(EnvWorker, w, args, spec, shared, chan, poll,
+                                                           self.resume_update(), source)
         for k, name in enumerate(self.inference_names):
             builders[name] = _Builder(InferenceServer, args, shared, chan, poll, self.inference_devices[k], k)
+        if self.world_model_names:  # each imagination worker has one request in flight: batches are <= W
+            wm = args.wm
+            device = wm.wm_device or self.inference_devices[0]
+            builders["world_model"] = _Builder(
+                WorldModelServer.from_checkpoint, wm.wm_checkpoint, "cuda:0" if device == "cuda" else device,
+                shared.wm_slots, chan.wm_requests, chan.wm_replies, poll,
+                min(wm.wm_max_batch, wm.num_imagination_workers), wm.wm_batch_timeout_ms, shared.wm_weights, chan.stats)
         for r, name in enumerate(self.learner_names):
             builders[name] = _Builder(Learner, args, spec, shared, chan, poll, self.learner_devices[r], self.run_dir,
                                       self.resume_from, r, self.dist_port)
@@ -1476,8 +1856,8 @@ class Run:
         self.procs = {}
         for name, build in builders.items():
             # learner followers stop on learner_0's word (Learner.step), or with everybody if it is gone
-            stop = (self.shared.stop if name.startswith(("inference", "eval")) or name in self.learner_names[1:]
-                    else self.shared.train_stop)
+            stop = (self.shared.stop if name.startswith(("inference", "eval", "world_model"))
+                    or name in self.learner_names[1:] else self.shared.train_stop)
             p = ctx.Process(target=run_role, name=name, args=(name, build, stop, self.chan.stats, self.shared.heartbeats),
                             daemon=True)
             p.start()
@@ -1522,7 +1902,8 @@ class Run:
         """Drain stats, log, schedule evaluations, watch children; returns the exit code."""
         args = self.args
         self.last_log = time.time()
-        self.last_steps = (time.time(), self.shared.counters.total("global_env_step"))
+        self.last_steps = (time.time(), self.shared.counters.total("global_env_step"),
+                           self.shared.counters.total("imagined_chunk_step"))
         if args.experiment.eval_only:
             round_id = self._enqueue_eval_round(args.workers.eval_episodes_per_task * self.spec.num_tasks,
                                                 per_task=True)
@@ -1608,7 +1989,7 @@ class Run:
         roles = {name: build() for name, build in builders.items()}
         self.procs = {}
         self.last_log = time.time()
-        self.last_steps = (time.time(), 0)
+        self.last_steps = (time.time(), 0, 0)
         code = 0
         try:
             if self.args.experiment.eval_only:
@@ -1616,7 +1997,8 @@ class Run:
                                                per_task=True)
             while True:
                 for name, role in roles.items():
-                    if name.startswith(("env_worker", "learner")) and self.shared.train_stop.is_set():
+                    if (name.startswith(("env_worker", "imagination_worker", "learner"))
+                            and self.shared.train_stop.is_set()):
                         continue
                     role.step()
                 self._drain_stats(timeout=0.0)
@@ -1726,6 +2108,11 @@ class Run:
             self.writer.add_scalar("charts/episodic_return", payload["return"], step)
             self.writer.add_scalar("charts/episodic_length", payload["length"], step)
             self.writer.add_scalar("charts/success_rate", float(np.mean(self.episode_window)), step)
+        elif kind == "imagined_episode":
+            self.imagined_window.append(payload["success"])
+            self.writer.add_scalar("charts/imagined_episodic_return", payload["return"], step)
+            self.writer.add_scalar("charts/imagined_episodic_length", payload["length"], step)
+            self.writer.add_scalar("charts/imagined_success_rate", float(np.mean(self.imagined_window)), step)
         elif kind == "eval_episode":
             video = payload.pop("video", None)
             if payload["round"] in self.eval_rounds:
@@ -1740,6 +2127,7 @@ class Run:
                     self.busy_fractions[tag].append(value)
             if kind == "update":
                 self.learner_rates.append(payload["perf/learner_samples_per_s"])
+                self.wm_updates = int(payload.get("wm/updates", self.wm_updates))
 
     def _log_video(self, tag: str, path: Path, step: int) -> None:
         """An animated GIF summary (what tensorboard's add_video writes, without needing moviepy)."""
@@ -1764,12 +2152,17 @@ class Run:
         now = time.time()
         totals = self.shared.counters.totals()
         steps = totals["global_env_step"]
+        imagined = totals["imagined_chunk_step"]
         dt = now - self.last_steps[0]
         rate = (steps - self.last_steps[1]) / dt if dt > 0 else 0.0
-        self.last_steps, self.last_log = (now, steps), now
+        imagined_rate = (imagined - self.last_steps[2]) / dt if dt > 0 else 0.0
+        self.last_steps, self.last_log = (now, steps, imagined), now
         self.writer.add_scalar("perf/env_steps_per_s", rate, steps)
         self.writer.add_scalar("perf/chunk_steps", totals["chunk_step"], steps)
         self.writer.add_scalar("perf/env_restarts", totals["env_restarts"], steps)
+        if self.args.wm.num_imagination_workers:
+            self.writer.add_scalar("perf/imagined_chunk_steps_per_s", imagined_rate, steps)
+            self.writer.add_scalar("perf/imagined_chunk_steps", imagined, steps)
         left = self.args.experiment.total_env_steps - steps
         eta = left / rate if rate > 0 else float("inf")
         if self.args.experiment.max_seconds:
@@ -1777,9 +2170,14 @@ class Run:
         pct = 100 * steps / self.args.experiment.total_env_steps
         bar = "#" * int(pct / 5) + "." * (20 - int(pct / 5))
         success = float(np.mean(self.episode_window)) if self.episode_window else 0.0
+        imagination = ""
+        if self.args.wm.num_imagination_workers:
+            imagined_success = float(np.mean(self.imagined_window)) if self.imagined_window else 0.0
+            imagination = (f" | imagined chunk steps {imagined:,} ({imagined_rate:,.0f}/s, success "
+                           f"{imagined_success:.2f})")
         log("main", f"[{bar}] {pct:5.1f}% env steps {steps:,} | {rate:,.0f} steps/s | chunk steps "
                     f"{totals['chunk_step']:,} | updates {self.shared.weights.published_version()} | "
-                    f"train success {success:.2f} | ETA {_fmt_s(eta)}")
+                    f"train success {success:.2f}{imagination} | ETA {_fmt_s(eta)}")
 
     def _steady_rate(self) -> float | None:
         if self.steady_from is None or self.train_end is None or self.train_end[0] <= self.steady_from[0]:
@@ -1797,6 +2195,12 @@ class Run:
                    "final_eval": self.final_eval, "global_env_step": totals["global_env_step"],
                    "chunk_step": totals["chunk_step"], "episodes": totals["episodes"],
                    "env_restarts": totals["env_restarts"], "updates": self.shared.weights.published_version(),
+                   # the world model's rollouts, counted apart (global_env_step counts real steps only)
+                   **{name: totals[name] for name in ("imagined_env_step", "imagined_chunk_step", "imagined_episodes",
+                                                      "imagined_env_restarts")},
+                   "imagined_chunk_steps_per_s": totals["imagined_chunk_step"] / max(wall, 1e-9),
+                   "world_model": self.args.wm.wm_checkpoint, "wm_online_updates": self.wm_updates,
+                   "wm_busy_fraction": busy.get("wm_busy_fraction"),
                    "wall_seconds": wall, "env_steps_per_s": totals["global_env_step"] / max(wall, 1e-9),
                    "steady_env_steps_per_s": self._steady_rate(),
                    "learner_samples_per_s": float(np.median(self.learner_rates[1:])) if len(self.learner_rates) > 1 else None,

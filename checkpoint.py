@@ -17,6 +17,7 @@ import os
 import random
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -112,8 +113,10 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 
 
 def save_checkpoint(run_dir: str | Path, update: int, model: dict[str, torch.Tensor],
-                    optimizer: dict[str, torch.Tensor], meta: dict, keep: int = 3) -> Path:
-    """Write checkpoint `update` atomically; keep the newest `keep` checkpoints."""
+                    optimizer: dict[str, torch.Tensor], meta: dict, keep: int = 3,
+                    write_extra: Callable[[Path], None] | None = None) -> Path:
+    """Write checkpoint `update` atomically; keep the newest `keep` checkpoints. `write_extra(dir)` adds
+    more files or directories (e.g. the world model) to the checkpoint before it is renamed into place."""
     root = Path(run_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     name = f"update_{update:07d}"
@@ -128,9 +131,12 @@ def save_checkpoint(run_dir: str | Path, update: int, model: dict[str, torch.Ten
     save_file(rng_tensors, tmp / "rng.safetensors")
     with open(tmp / "meta.json", "w") as f:
         json.dump(dict(meta, rng=rng_meta, update=update, complete=True), f, indent=1)
+    if write_extra is not None:
+        write_extra(tmp)
     for path in tmp.iterdir():
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
+        if path.is_file():  # a directory from write_extra was installed (fsynced) by its writer
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
     fsync_dir(tmp)
     if final.exists():  # re-saving the same update (e.g. a final save right after a periodic one)
         shutil.rmtree(final)

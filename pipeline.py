@@ -73,6 +73,9 @@ class RolloutStorage:
             "log_probs": torch.zeros(*rows, *chunk, s.num_bins, dtype=torch.float16),
             "value": torch.zeros(*rows, dtype=torch.float32),
             "version": torch.zeros(*rows, dtype=torch.int64),
+            # set once by the wiring: the segment belongs to an imagination worker (the world model's
+            # rollouts); a row's kind never changes, so copies between segments of one kind keep it
+            "imagined": torch.zeros(*rows, dtype=torch.bool),
         }
         if share:
             for tensor in self.fields.values():
@@ -158,7 +161,10 @@ class WeightBroadcast:
 # ---------------------------------------------------------------------------------------------------
 # Counters and heartbeats
 # ---------------------------------------------------------------------------------------------------
-COUNTERS = ("global_env_step", "chunk_step", "episodes", "env_restarts", "imagined_chunk_step")
+COUNTERS = ("global_env_step", "chunk_step", "episodes", "env_restarts",
+            "imagined_env_step", "imagined_chunk_step", "imagined_episodes", "imagined_env_restarts")
+"""Real env steps, chunk steps, episodes and env rebuilds, then the same for the world model's imagined
+envs, kept apart (`global_env_step`, the x axis and the budget, counts real steps only)."""
 
 
 class Counters:

@@ -702,12 +702,18 @@ class WorldModelClient(Protocol):
 
 
 class LocalWorldModel:
-    """The in-process client: one WorldModel, one request at a time (serial mode, tests, evaluation)."""
+    """The in-process client: one WorldModel, one request at a time (serial mode, tests, evaluation).
+    With `weights`, it loads what a trainer publishes before each request, as WorldModelServer does."""
 
-    def __init__(self, model: WorldModel):
-        self.model, self.config = model.eval(), model.cfg
+    def __init__(self, model: WorldModel, weights: WeightBroadcast | None = None):
+        self.model, self.config, self.weights = model.eval(), model.cfg, weights
+        self.params = dict(model.state_dict(keep_vars=True))
+        self.version = 0
 
     def imagine(self, frames, past_actions, actions, task_id, seed):
+        if self.weights is not None and self.weights.published_version() > self.version:
+            version = self.weights.read_into(self.params)
+            self.version = self.version if version is None else version
         out_frames, out_success = self.model.imagine(
             torch.from_numpy(np.asarray(frames))[None], torch.as_tensor(np.asarray(past_actions), dtype=torch.float32)[None],
             torch.as_tensor(np.asarray(actions), dtype=torch.float32)[None], torch.tensor([task_id]), [seed])
@@ -777,6 +783,30 @@ class RealResetContexts:
         return context_from_observation(obs, self.env.task_id, self.K, self.env.spec.action_dim)
 
 
+class ReplayContexts:
+    """Start contexts from recent real steps (`StepReplay.start_context`): the paper's imagination starts
+    from the frames of real episodes. While the replay holds no step of the asked task yet (the start of a
+    run), a fresh real reset from `fallback` (e.g. RealResetContexts) instead: imagination never waits."""
+
+    def __init__(self, replay: StepReplay, fallback: Callable[[np.random.Generator, int | None], StartContext]):
+        self.replay, self.fallback = replay, fallback
+
+    def __call__(self, rng: np.random.Generator, task_id: int | None) -> StartContext:
+        replay, written = self.replay, self.replay.written.clone()
+        C = replay.capacity
+        # slots start_context may draw: the `available` most recent steps of each env's ring
+        age = (written[:, None] - 1 - torch.arange(C)[None]) % C
+        ready = age < torch.clamp(written, max=C - replay.K - 2)[:, None]
+        if task_id is not None:
+            ready &= replay.task_id == task_id
+        if ready.any():
+            try:
+                return replay.start_context(rng, task_id)
+            except ValueError:  # a task so rare that rejection sampling missed it
+                pass
+        return self.fallback(rng, task_id)
+
+
 class ImaginedEnv(TaskEnv):
     """An env whose frames come from the world model: the same chunked reset / step contract as the real
     envs (envs/__init__.py): the same observation keys, dtypes and shapes, the same info keys.
@@ -840,7 +870,8 @@ class ImaginedEnv(TaskEnv):
     def step(self, action: np.ndarray) -> tuple[dict[str, np.ndarray], float, bool, bool, dict]:
         return self.step_chunk(np.asarray(action)[None])
 
-    def step_chunk(self, actions: np.ndarray) -> tuple[dict[str, np.ndarray], float, bool, bool, dict]:
+    def step_chunk(self, actions: np.ndarray, record: bool = False
+                   ) -> tuple[dict[str, np.ndarray], float, bool, bool, dict]:
         """One world-model request per chunk; stops at the first end, as `TaskEnv.step_chunk` does."""
         if self._episode_over:
             raise RuntimeError("ImaginedEnv: the episode is over (or never started); call reset() first")
@@ -866,6 +897,9 @@ class ImaginedEnv(TaskEnv):
             self.past_actions = np.concatenate([self.past_actions, actions[:executed]])[-(self.K - 1):]
         self._episode_over = terminated or truncated
         info = {"success": bool(terminated), "task_id": self.task_id, "env_steps": executed}
+        if record:
+            info["frames"] = frames[:executed].copy()
+            info["proprio"] = np.repeat(self.proprio[None], executed, axis=0)
         return self._observe(frames[j]), reward, bool(terminated), bool(truncated), info
 
 

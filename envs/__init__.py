@@ -14,6 +14,10 @@ Info (a dict) from `step` and `step_chunk`:
     "success": bool, the task's success predicate at the last executed step
     "task_id": int
     "env_steps": int, simulator steps executed (1 for `step`, <= chunk length for `step_chunk`)
+    with `step_chunk(actions, record=True)` only (the real steps that train the world model):
+    "frames":  uint8 (env_steps, H, W, 3), the third-person image after every executed step (the last
+               one is obs["image"])
+    "proprio": float32 (env_steps, spec.proprio_dim), the proprio after every executed step
 Done semantics (gymnasium): `terminated` = the task ended by itself (success, or a failure the env
 defines); `truncated` = the time limit `spec.max_episode_steps` was hit. Never both.
 """
@@ -70,20 +74,27 @@ class TaskEnv:
         """One simulator step with a normalised 7-D action; gymnasium's 5-tuple."""
         raise NotImplementedError
 
-    def step_chunk(self, actions: np.ndarray) -> tuple[dict[str, np.ndarray], float, bool, bool, dict]:
+    def step_chunk(self, actions: np.ndarray, record: bool = False
+                   ) -> tuple[dict[str, np.ndarray], float, bool, bool, dict]:
         """Execute an action chunk (chunk_len, 7) step by step, stopping early when the episode ends.
 
         One RL step of AcceRL is one chunk (reference.md section 2): the reward is the chunk's sum.
+        `record`: also return every step's image and proprio (info "frames", "proprio"; module docstring).
         """
-        total_reward, env_steps = 0.0, 0
+        total_reward, env_steps, frames, proprio = 0.0, 0, [], []
         obs, terminated, truncated, info = None, False, False, {}
         for action in actions:
             obs, reward, terminated, truncated, info = self.step(action)
             total_reward += float(reward)
             env_steps += 1
+            if record:
+                frames.append(obs["image"])
+                proprio.append(obs["proprio"])
             if terminated or truncated:
                 break
         info = dict(info, env_steps=env_steps)
+        if record:
+            info.update(frames=np.stack(frames), proprio=np.stack(proprio).astype(np.float32))
         return obs, total_reward, terminated, truncated, info
 
     def close(self) -> None:

@@ -735,26 +735,39 @@ class LiberoEnv(TaskEnv):
         reward, terminated, truncated, success = self._advance(action)
         return self._observe(), reward, terminated, truncated, self._info(success, 1)
 
-    def step_chunk(self, actions: np.ndarray) -> tuple[dict[str, np.ndarray], float, bool, bool, dict]:
-        """As `TaskEnv.step_chunk`, rendering only after the last executed step (unless
-        render_every_step, which also returns every step's agent view in info["frames"])."""
+    def step_unobserved(self, action: np.ndarray) -> tuple[float, bool, bool, dict]:
+        """`step` without rendering or an observation: (reward, terminated, truncated, info). For scripted
+        experts, which read the simulator's state rather than images (envs/libero_experts.py)."""
+        reward, terminated, truncated, success = self._advance(action)
+        return reward, terminated, truncated, self._info(success, 1)
+
+    def step_chunk(self, actions: np.ndarray, record: bool = False
+                   ) -> tuple[dict[str, np.ndarray], float, bool, bool, dict]:
+        """As `TaskEnv.step_chunk`, rendering only after the last executed step (unless `record` or
+        render_every_step, which also return every step's agent view in info["frames"]; `record` also
+        every step's proprio in info["proprio"], the envs/__init__.py contract)."""
         actions = np.asarray(actions, dtype=np.float64)
         if actions.ndim != 2 or len(actions) == 0:
             raise ValueError(f"LIBERO step_chunk expects (chunk_len >= 1, 7) actions, got {actions.shape}")
-        total_reward, env_steps, frames = 0.0, 0, []
+        every_step = record or self.opts.render_every_step
+        total_reward, env_steps, frames, proprio = 0.0, 0, [], []
         for i, action in enumerate(actions):
             reward, terminated, truncated, success = self._advance(action)
             total_reward += reward
             env_steps += 1
             last = terminated or truncated or i == len(actions) - 1
-            if self.opts.render_every_step and not last:
+            if every_step and not last:
                 frames.append(self._task.render("image"))
+                if record:
+                    proprio.append(self._task.proprio(self.opts.proprio))
             if last:
                 break
         obs = self._observe()
         info = self._info(success, env_steps)
-        if self.opts.render_every_step:
+        if every_step:
             info["frames"] = np.stack(frames + [obs["image"]])
+        if record:
+            info["proprio"] = np.stack(proprio + [obs["proprio"]]).astype(np.float32)
         return obs, total_reward, terminated, truncated, info
 
     def close(self) -> None:

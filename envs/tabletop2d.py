@@ -295,19 +295,28 @@ class Tabletop2D(TaskEnv):
         reward, terminated, truncated, success = self._advance(np.asarray(action, dtype=np.float64))
         return self._observe(), reward, terminated, truncated, self._info(success, 1)
 
-    def step_chunk(self, actions: np.ndarray) -> tuple[dict[str, np.ndarray], float, bool, bool, dict]:
-        """As `TaskEnv.step_chunk`, but only the chunk's last frame is rendered (nobody sees the others)."""
+    def step_chunk(self, actions: np.ndarray, record: bool = False
+                   ) -> tuple[dict[str, np.ndarray], float, bool, bool, dict]:
+        """As `TaskEnv.step_chunk`, but only the chunk's last frame is rendered (nobody sees the others),
+        unless `record` asks for every step's image and proprio."""
         actions = np.asarray(actions, dtype=np.float64)
         if actions.ndim != 2 or len(actions) == 0:
             raise ValueError(f"tabletop2d step_chunk expects (chunk_len >= 1, 7) actions, got {actions.shape}")
-        total_reward, env_steps = 0.0, 0
+        total_reward, env_steps, recorded = 0.0, 0, []
         for action in actions:
             reward, terminated, truncated, success = self._advance(action)
             total_reward += reward
             env_steps += 1
+            if record:
+                recorded.append(self._observe())
             if terminated or truncated:
                 break
-        return self._observe(), total_reward, terminated, truncated, self._info(success, env_steps)
+        obs = recorded[-1] if record else self._observe()
+        info = self._info(success, env_steps)
+        if record:
+            info["frames"] = np.stack([o["image"] for o in recorded])
+            info["proprio"] = np.stack([o["proprio"] for o in recorded])
+        return obs, total_reward, terminated, truncated, info
 
 
 def expert_chunk(env: Tabletop2D, chunk_len: int = 8, noise: float = 0.0,

@@ -161,6 +161,19 @@ def test_smoke_fixed_states_truncation_success(libero_env):
 
 
 @needs_libero
+def test_step_chunk_record_returns_every_step(libero_env):
+    """record=True (the real steps that train the world model): every step's agent view and proprio."""
+    libero_env.reset(seed=5)
+    actions = np.random.default_rng(1).uniform(-1, 1, (4, 7))
+    obs, _, _, _, info = libero_env.step_chunk(actions, record=True)
+    n = info["env_steps"]
+    assert info["frames"].shape == (n, 64, 64, 3) and info["frames"].dtype == np.uint8
+    assert info["proprio"].shape == (n, libero_env.spec.proprio_dim) and info["proprio"].dtype == np.float32
+    np.testing.assert_array_equal(info["frames"][-1], obs["image"])
+    np.testing.assert_array_equal(info["proprio"][-1], obs["proprio"])
+
+
+@needs_libero
 def test_sampled_placements_are_seeded_and_differ(libero_env):
     env = make_env(f"{SUITE}/{TASK}", image_size=32, seed=0)  # init_states="sampled" (training default)
     try:

@@ -27,7 +27,7 @@ def tiny_args(tmp_path: Path, **overrides) -> Args:
                 workers=WorkersArgs(num_env_workers=1, envs_per_worker=2, segment_len=8, segments_per_update=2,
                                     eval_every_updates=3, eval_episodes=4, final_eval_episodes=4))
     for name, value in overrides.items():
-        group = next(g for g in (args.experiment, args.env, args.workers, args.algorithm) if hasattr(g, name))
+        group = next(g for g in (args.experiment, args.env, args.workers, args.algorithm, args.wm) if hasattr(g, name))
         setattr(group, name, value)
     return derive_and_check(args)
 

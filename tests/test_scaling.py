@@ -65,7 +65,8 @@ def _train_once(rank: int, args: Args, run: dict, port: int | None, out: str) ->
     torch.set_num_threads(1)
     learner = Learner(args, run["spec"], run["shared"], run["chan"], 0.0, "cpu", Path(out), None, rank, port)
     before = {n: t.clone() for n, t in learner.policy.state_dict().items()}
-    metrics = learner.train_on(learner._assemble([0, 1, 2, 3][rank::args.workers.num_learners]))
+    # segments as Learner.step shares them: 4 real ones, then an imagined one (rank 0 gets 3, rank 1 gets 2)
+    metrics = learner.train_on(learner._assemble([0, 1, 2, 3, 4][rank::args.workers.num_learners]))
     grads = {n: p.grad.clone() for n, p in learner.policy.named_parameters() if p.grad is not None}
     torch.save({"before": before, "state": learner.policy.state_dict(), "grads": grads, "metrics": metrics},
                f"{out}/m{args.workers.num_learners}_rank{rank}.pt")
@@ -73,15 +74,18 @@ def _train_once(rank: int, args: Args, run: dict, port: int | None, out: str) ->
 
 
 def test_data_parallel_update_equals_the_single_learner_update(tmp_path):
-    """M = 2 ranks on gloo, each on half of a super batch, give the weights, gradients and losses that one
-    learner gets on the whole of it (global advantage statistics, global loss normalisers, DDP all-reduce)."""
+    """M = 2 ranks on gloo, each on its share of a super batch, give the weights, gradients and losses that one
+    learner gets on the whole of it (global advantage statistics, global loss normalisers, DDP all-reduce).
+    The shares differ in size, as when imagined segments join the real ones."""
     one = tiny_args(tmp_path, mode="async", segments_per_update=4, bf16=False)
     two = replace(one, workers=replace(one.workers, num_learners=2))
     run = Run(one)
     run.build(serial=False)  # shared memory, which the learner processes map
     ctx = mp.get_context("spawn")
     run.chan.free_segments = ctx.Queue()  # unbounded: every learner frees its segments
-    _fill_storage(run.shared.storage, [0, 1, 2, 3], one.workers.segment_len)
+    run.chan.imagined_free_segments = ctx.Queue()
+    _fill_storage(run.shared.storage, [0, 1, 2, 3, 4], one.workers.segment_len)
+    run.shared.storage.imagined[4] = True
     shared, port = {"spec": run.spec, "shared": run.shared, "chan": run.chan}, free_tcp_port()
     procs = [ctx.Process(target=_train_once, args=(0, one, shared, None, str(tmp_path)))]
     procs += [ctx.Process(target=_train_once, args=(r, two, shared, port, str(tmp_path))) for r in range(2)]
@@ -103,8 +107,9 @@ def test_data_parallel_update_equals_the_single_learner_update(tmp_path):
         # in g (1e-10 here) moves the weight visibly, so weights are compared where g is clear of it
         clear = single["grads"][name].abs() > 1e-6 if name in single["grads"] else torch.ones_like(tensor, dtype=bool)
         torch.testing.assert_close(ranks[0]["state"][name][clear], tensor[clear], rtol=1e-5, atol=1e-6, msg=name)
+    assert single["metrics"]["charts/imagined_sample_fraction"] > 0
     for key in ("losses/policy_loss", "losses/value_loss", "losses/kl", "losses/entropy", "losses/grad_norm",
-                "charts/samples_kept_fraction"):
+                "charts/samples_kept_fraction", "charts/imagined_sample_fraction"):
         assert ranks[0]["metrics"][key] == pytest.approx(single["metrics"][key], rel=1e-4, abs=1e-6), key
 
 
