@@ -413,15 +413,16 @@ def _proprio(demo: h5py.Group, obs: h5py.Group) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Collection: the scripted tabletop2d expert in worker processes
+# Collection: the scripted experts (tabletop2d, LIBERO) in worker processes
 # ---------------------------------------------------------------------------------------------------
 @dataclass
 class Collect:
-    """Record the scripted tabletop2d expert (envs.tabletop2d.expert_chunk) into one file per task."""
+    """Record a scripted expert (tabletop2d: envs.tabletop2d.expert_chunk; LIBERO: envs.libero_experts)
+    into one file per task."""
 
     task: str = "tabletop2d"
-    """Task family ('/<i>' pins one task). Only tabletop2d has a scripted expert; for LIBERO use the
-    official datasets, which `read_demos` reads."""
+    """Task family ('/<i>' pins one task): tabletop2d or a LIBERO suite (the tasks envs/libero_experts.py
+    supports; the official datasets read through `read_demos` too)."""
     episodes: int = 50
     """Episodes run per task (LIBERO ships 50 demos per task)."""
     out: str = "demos/tabletop2d"
@@ -429,7 +430,8 @@ class Collect:
     workers: int = 2
     """Collection processes (spawned; each builds its own env)."""
     noise: float = 0.0
-    """Std of Gaussian noise on the expert's x, y and gripper actions (normalised units). The noisy
+    """Std of Gaussian noise on the expert's x, y and gripper actions (normalised units; LIBERO: on the
+    translation dims, a third of it on the rotation dims). The noisy
     actions are the ones executed and stored: at 0.1 the expert's action stays the mode, and the
     visited states spread beyond the expert's straight line (less compounding error in the clone)."""
     seed: int = 1
@@ -471,22 +473,35 @@ def _tabletop2d_state(env) -> np.ndarray:
     return np.concatenate([env.ee_xy, [float(env.gripper_closed)], env.object_xy.ravel()])
 
 
+def _expert(env, noise: float, rng: np.random.Generator):
+    """The scripted expert of the env's current episode (call after reset), as (expert chunk_len -> (chunk_len,
+    7) normalised actions, privileged state () -> (S,) stored as `states`)."""
+    if env.spec.name.startswith("libero_"):
+        from envs.libero_experts import LiberoExpert
+
+        # states: the flattened MuJoCo state (time, qpos, qvel), as in LIBERO's own files
+        return LiberoExpert(env, noise=noise, rng=rng).chunk, lambda: env.sim.sim.get_state().flatten()
+    from envs.tabletop2d import expert_chunk
+
+    return (lambda chunk_len: expert_chunk(env, chunk_len=chunk_len, noise=noise, rng=rng),
+            lambda: _tabletop2d_state(env))
+
+
 def run_expert_episode(env, task_id: int, env_seed: int, noise_seed: int, chunk_len: int, noise: float) -> dict:
     """One expert episode, recording the observation before every step (step_chunk would render only
     the chunk's last frame). The expert re-plans every `chunk_len` steps, as the policy acts."""
-    from envs.tabletop2d import expert_chunk
-
     rng = np.random.default_rng(noise_seed)
     obs = env.reset(task_id=task_id, seed=env_seed)
+    expert_chunk, expert_state = _expert(env, noise, rng)
     record: dict[str, list] = {"images": [], "wrist_images": [], "proprio": [], "actions": [], "states": []}
     info, done = {"success": False}, False
     while not done:
-        for action in expert_chunk(env, chunk_len=chunk_len, noise=noise, rng=rng):
+        for action in expert_chunk(chunk_len):
             record["images"].append(obs["image"])
             if "wrist" in obs:
                 record["wrist_images"].append(obs["wrist"])
             record["proprio"].append(obs["proprio"])
-            record["states"].append(_tabletop2d_state(env))
+            record["states"].append(expert_state())
             record["actions"].append(action)
             obs, _, terminated, truncated, info = env.step(action)
             done = terminated or truncated
@@ -505,19 +520,31 @@ def _collect_job(cfg: Collect, task_id: int, first: int, count: int, shard: str)
     instruction = env.spec.instructions[task_id]
     successes, lengths = [], []
     with DemoWriter(shard, instruction, task=f"{family}/{task_id}", task_id=task_id, env_name=family,
-                    env_kwargs=_env_kwargs(cfg)) as writer:
+                    env_kwargs=_env_kwargs(cfg), image_orientation=_image_orientation(cfg)) as writer:
         for k in range(first, first + count):
             episode = run_expert_episode(env, task_id, *episode_seeds(cfg.seed, task_id, k), cfg.chunk_len, cfg.noise)
             successes.append(episode["success"])
             lengths.append(len(episode["actions"]))
             if episode["success"] or cfg.keep_failures:
                 proprio = episode["proprio"]
-                ee_pos = np.concatenate([proprio[:, :2], np.zeros((len(proprio), 1))], axis=1)  # table plane z=0
+                if family.startswith("libero_"):  # [eef pos, axis-angle, finger qpos] (envs/libero.py)
+                    robot_obs = {"ee_pos": proprio[:, :3], "ee_ori": proprio[:, 3:6],
+                                 "gripper_states": proprio[:, 6:8]}
+                else:
+                    ee_pos = np.concatenate([proprio[:, :2], np.zeros((len(proprio), 1))], axis=1)  # table z=0
+                    robot_obs = {"ee_pos": ee_pos, "gripper_states": proprio[:, 2:3]}
                 writer.add_episode(episode["images"], episode["actions"], proprio, episode["success"],
                                    wrist_images=episode.get("wrist_images"), states=episode["states"],
-                                   robot_obs={"ee_pos": ee_pos, "gripper_states": proprio[:, 2:3]})
+                                   robot_obs=robot_obs)
     env.close()
     return {"task_id": task_id, "first": first, "shard": shard, "successes": successes, "lengths": lengths}
+
+
+def _image_orientation(cfg: Collect) -> str:
+    """How the collecting env returns its frames (LIBERO's `image_orientation` option; tabletop2d: camera)."""
+    if not parse_task(cfg.task)[0].startswith("libero_"):
+        return "camera"
+    return json.loads(cfg.env_options).get("image_orientation") or _libero_default_orientation()
 
 
 def _env_kwargs(cfg: Collect) -> dict:
@@ -528,13 +555,20 @@ def collect(cfg: Collect) -> dict:
     """Run the expert in `cfg.workers` spawned processes and write one file per task. Returns the
     per-task summary (also written to <out>/collect_summary.json)."""
     family, pinned = parse_task(cfg.task)
-    if family != "tabletop2d":
-        raise SystemExit(f"demos collect: no scripted expert for {family!r}; for LIBERO read the official "
-                         "datasets with read_demos (python demos.py info <dir> shows what they hold)")
+    if family != "tabletop2d" and not family.startswith("libero_"):
+        raise SystemExit(f"demos collect: no scripted expert for {family!r}")
     if cfg.episodes < 1 or cfg.workers < 1 or cfg.chunk_len < 1:
         raise SystemExit("demos collect: --episodes, --workers and --chunk-len must be >= 1")
     spec = env_spec(cfg.task, image_size=cfg.image_size, wrist_camera=cfg.wrist_camera, **json.loads(cfg.env_options))
     tasks = [pinned] if pinned is not None else list(range(spec.num_tasks))
+    if family.startswith("libero_"):
+        from envs.libero_experts import unsupported_reason
+
+        unsupported = {t: why for t in tasks if (why := unsupported_reason(family, t))}
+        if unsupported:
+            raise SystemExit(f"demos collect: the scripted LIBERO expert cannot do {family} task(s) {unsupported}; "
+                             f"pin a supported one with --task {family}/<i> (python -m envs.libero_experts --suite "
+                             f"{family} lists them); the official datasets read through read_demos")
     out = Path(cfg.out)
     shards = out / f".shards_{os.getpid()}"
     shards.mkdir(parents=True, exist_ok=True)
@@ -554,7 +588,7 @@ def collect(cfg: Collect) -> dict:
             mine = sorted((r for r in results if r["task_id"] == t), key=lambda r: r["first"])
             path = out / task_file_name(spec.instructions[t])
             with DemoWriter(path, spec.instructions[t], task=f"{family}/{t}", task_id=t, env_name=family,
-                            env_kwargs=_env_kwargs(cfg)) as writer:
+                            env_kwargs=_env_kwargs(cfg), image_orientation=_image_orientation(cfg)) as writer:
                 for r in mine:
                     writer.append_file(r["shard"])
             successes = [s for r in mine for s in r["successes"]]
