@@ -1151,6 +1151,10 @@ def gipo_trust_weight(ratio: torch.Tensor, sigma: float) -> torch.Tensor:
     return torch.exp(-log_ratio.square() / (2 * sigma**2))
 
 
+MAX_LOG_RATIO = 20.0
+"""|ln rho| bound inside the objectives (a float32 guard, see policy_objective)."""
+
+
 def policy_objective(loss: str, logp: torch.Tensor, behaviour_logp: torch.Tensor, advantages: torch.Tensor,
                      algo: AlgorithmArgs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-token surrogate loss (to be averaged over all action tokens) and its trust diagnostics.
@@ -1161,7 +1165,9 @@ def policy_objective(loss: str, logp: torch.Tensor, behaviour_logp: torch.Tensor
     sapo:     -(4 / tau) * sigmoid(tau * (rho - 1)) * A, tau by the sign of A (not multiplied by rho)
     no-clip:  -rho * A
     """
-    ratio = torch.exp(logp - behaviour_logp)
+    # ln rho is clamped to +-MAX_LOG_RATIO: beyond ~88 exp overflows float32 and w * rho = 0 * inf = NaN (seen
+    # once a collapsing policy meets stale tokens); at |ln rho| = 20 the GIPO weight is already exp(-200) = 0.
+    ratio = torch.exp((logp - behaviour_logp).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
     w = gipo_trust_weight(ratio, algo.gipo_sigma)
     if loss == "gipo":
         per_token = -(w * ratio * advantages)

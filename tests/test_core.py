@@ -109,6 +109,20 @@ def test_gipo_effective_weight_never_exceeds_its_bound(sigma):
     assert log_ratio[u.argmax()].item() == pytest.approx(sigma ** 2, abs=1e-3)
 
 
+@pytest.mark.parametrize("loss", ["gipo", "ppo-clip", "sapo", "no-clip"])
+def test_objectives_stay_finite_for_extreme_log_ratios(loss):
+    """A token the behaviour policy almost never took, now likely (ln rho = 200), or the reverse: float32
+    exp would give inf and GIPO's w * rho = 0 * inf = NaN without the clamp; loss and gradient stay finite."""
+    logp = torch.tensor([-0.01, -200.0, -0.5], requires_grad=True)
+    behaviour_logp = torch.tensor([-200.01, -0.01, -0.5])
+    per_token, diag = policy_objective(loss, logp, behaviour_logp, torch.tensor([1.0, -1.0, 0.5]), AlgorithmArgs())
+    per_token.mean().backward()
+    assert torch.isfinite(per_token).all() and torch.isfinite(logp.grad).all(), (per_token, logp.grad)
+    assert torch.isfinite(diag["ratio"]).all()
+    if loss == "gipo":  # far outside the trust region: no gradient; at rho = 1: the plain policy gradient
+        assert logp.grad[0] == 0 and logp.grad[1] == 0 and logp.grad[2] != 0
+
+
 def test_trust_weight_clamps_tiny_ratios():
     w = gipo_trust_weight(torch.tensor([0.0, 1e-30, 1.0]), 0.5)
     assert torch.isfinite(w).all() and w[2] == 1.0 and w[0] == w[1]
