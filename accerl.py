@@ -1774,7 +1774,7 @@ class Run:
             replay = StepReplay(num_real_envs, wm.wm_replay_steps_per_env, args.policy.image_size, cfg.context_frames,
                                 args.policy.action_dim, self.spec.proprio_dim, share=share)
             log("main", f"replay of real steps: {num_real_envs} envs x {wm.wm_replay_steps_per_env} steps, "
-                        f"{sum(t.numel() * t.element_size() for t in replay.fields.values()) / 2**20:.0f} MiB")
+                        f"{replay.nbytes() / 2**20:.0f} MiB")
         if wm.num_imagination_workers and not serial:
             slots = ImaginationSlots(SlotShape(wm.num_imagination_workers * wm.imagined_envs_per_worker,
                                                cfg.context_frames, args.policy.image_size, args.policy.action_dim,

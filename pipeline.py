@@ -43,7 +43,26 @@ class StorageShape:
     num_bins: int
 
 
-class RolloutStorage:
+class SharedTensors:
+    """Named tensors allocated once, moved to shared memory when `share`, read as attributes (`x.images`)."""
+
+    def __init__(self, fields: dict[str, torch.Tensor], share: bool):
+        self.fields = fields
+        if share:
+            for tensor in fields.values():
+                tensor.share_memory_()
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        fields = self.__dict__.get("fields")
+        if fields is not None and name in fields:
+            return fields[name]
+        raise AttributeError(name)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.fields.values())
+
+
+class RolloutStorage(SharedTensors):
     """Preallocated per-row tensors, indexed [segment, row]. Shared across processes when `share`."""
 
     # name -> (per-row shape builder, dtype); rows are written by env workers (observation and
@@ -52,7 +71,7 @@ class RolloutStorage:
         self.shape = s = shape
         rows = (s.num_segments, s.segment_len + 2)
         chunk = (s.chunk_len, s.action_dim)
-        self.fields: dict[str, torch.Tensor] = {
+        super().__init__({
             # written by env workers
             "images": torch.zeros(*rows, s.num_cameras, s.image_size, s.image_size, 3, dtype=torch.uint8),
             "proprio": torch.zeros(*rows, max(s.proprio_dim, 1), dtype=torch.float32),
@@ -76,19 +95,7 @@ class RolloutStorage:
             # set once by the wiring: the segment belongs to an imagination worker (the world model's
             # rollouts); a row's kind never changes, so copies between segments of one kind keep it
             "imagined": torch.zeros(*rows, dtype=torch.bool),
-        }
-        if share:
-            for tensor in self.fields.values():
-                tensor.share_memory_()
-
-    def __getattr__(self, name: str) -> torch.Tensor:
-        fields = self.__dict__.get("fields")
-        if fields is not None and name in fields:
-            return fields[name]
-        raise AttributeError(name)
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.fields.values())
+        }, share)
 
     def copy_row(self, src: tuple[int, int], dst: tuple[int, int]) -> None:
         for tensor in self.fields.values():

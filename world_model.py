@@ -68,7 +68,7 @@ from safetensors.torch import load_file, save_file
 
 import checkpoint as ckpt
 from envs import EnvSpec, TaskEnv, env_spec, make_env, parse_task
-from pipeline import TimedGet, WeightBroadcast, log
+from pipeline import SharedTensors, TimedGet, WeightBroadcast, log
 
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
@@ -579,7 +579,7 @@ class SuccessSampler:
         return batch
 
 
-class StepReplay:
+class StepReplay(SharedTensors):
     """Recent real env steps for online world-model training (reference.md section 5: the world model keeps
     learning from real windows). One ring of `capacity` steps per env, in shared memory: each env's steps
     are written in order by its one worker, so nothing is locked; the trainer samples transitions with the
@@ -591,7 +591,7 @@ class StepReplay:
             raise ValueError(f"StepReplay capacity {capacity} must exceed context_frames + 3")
         E, C, H = num_envs, capacity, image_size
         self.K, self.capacity = context_frames, capacity
-        self.fields: dict[str, torch.Tensor] = {
+        super().__init__({
             "frames": torch.zeros(E, C, H, H, 3, dtype=torch.uint8),
             "actions": torch.zeros(E, C, action_dim),
             "proprio": torch.zeros(E, C, proprio_dim),
@@ -599,16 +599,7 @@ class StepReplay:
             "episode_step": torch.zeros(E, C, dtype=torch.int64),  # steps of the episode before this one
             "success": torch.zeros(E, C, dtype=torch.bool),  # the env reported success after this action
             "written": torch.zeros(E, dtype=torch.int64),  # steps ever written per env (position of the next)
-        }
-        if share:
-            for tensor in self.fields.values():
-                tensor.share_memory_()
-
-    def __getattr__(self, name: str) -> torch.Tensor:
-        fields = self.__dict__.get("fields")
-        if fields is not None and name in fields:
-            return fields[name]
-        raise AttributeError(name)
+        }, share)
 
     def add(self, env: int, frame: np.ndarray, action: np.ndarray, task_id: int, episode_step: int,
             success: bool, proprio: np.ndarray | None = None) -> None:
@@ -917,13 +908,13 @@ class SlotShape:
     """Longest action chunk one request may carry (the policy's chunk length)."""
 
 
-class ImaginationSlots:
+class ImaginationSlots(SharedTensors):
     """Preallocated request / reply tensors, indexed by slot; shared across processes when `share`."""
 
     def __init__(self, shape: SlotShape, share: bool = True):
         self.shape = s = shape
         K, H = s.context_frames, s.image_size
-        self.fields: dict[str, torch.Tensor] = {
+        super().__init__({
             # written by the client (ImaginedEnv)
             "frames": torch.zeros(s.num_slots, K, H, H, 3, dtype=torch.uint8),
             "past_actions": torch.zeros(s.num_slots, max(K - 1, 0), s.action_dim),
@@ -935,16 +926,7 @@ class ImaginationSlots:
             "out_frames": torch.zeros(s.num_slots, s.max_actions, H, H, 3, dtype=torch.uint8),
             "out_success": torch.zeros(s.num_slots, s.max_actions),
             "version": torch.zeros(s.num_slots, dtype=torch.int64),
-        }
-        if share:
-            for tensor in self.fields.values():
-                tensor.share_memory_()
-
-    def __getattr__(self, name: str) -> torch.Tensor:
-        fields = self.__dict__.get("fields")
-        if fields is not None and name in fields:
-            return fields[name]
-        raise AttributeError(name)
+        }, share)
 
 
 class ServedWorldModel:

@@ -41,14 +41,7 @@ def tiny_model(seed: int = 0, success_bias: float | None = None) -> WorldModel:
     return model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models on shared cores: a second torch thread that waits for a core stalls every op (measured
-    here: imagination 20x slower with 2 threads than with 1; sft.py's --threads note)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
