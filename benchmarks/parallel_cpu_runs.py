@@ -43,6 +43,8 @@ def main() -> None:
     parser.add_argument("--config", action="append", required=True, help="name=extra accerl options")
     parser.add_argument("--seconds", type=float, default=420)
     parser.add_argument("--cores-per-run", type=int, default=2)
+    parser.add_argument("--first-core", type=int, default=0, help="pin runs to cores from here on (leave the "
+                        "others to another job)")
     parser.add_argument("--out-dir", default="/tmp/sweep")
     parser.add_argument("--common", default="", help="options given to every configuration")
     args = parser.parse_args()
@@ -51,7 +53,8 @@ def main() -> None:
     procs = {}
     for i, spec in enumerate(args.config):
         name, _, extra = spec.partition("=")
-        cores = ",".join(str(c) for c in range(i * args.cores_per_run, (i + 1) * args.cores_per_run))
+        first = args.first_core + i * args.cores_per_run
+        cores = ",".join(str(c) for c in range(first, first + args.cores_per_run))
         cmd = ["taskset", "-c", cores, sys.executable, str(ROOT / "accerl.py"), "--device", "cpu",
                "--max-seconds", str(args.seconds), "--total-env-steps", str(10**9), "--run-dir", str(out / name),
                "--log-every-s", "60", *shlex.split(args.common), *shlex.split(extra)]
