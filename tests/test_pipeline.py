@@ -199,6 +199,28 @@ def test_weight_broadcast_never_applies_a_torn_copy():
         wb.publish({"unknown": torch.zeros(1)}, version=3)
 
 
+def test_weight_broadcast_is_one_buffer_per_dtype_and_readers_copy_frozen_tensors_once():
+    import pickle
+
+    from multiprocessing.reduction import ForkingPickler  # what spawn uses (torch registers its tensor reducers)
+
+    import torch.multiprocessing  # noqa: F401  (the registration)
+
+    src = {"frozen": torch.zeros(4, 3), "lora": torch.zeros(2), "steps": torch.zeros(1, dtype=torch.int64)}
+    wb = WeightBroadcast(src, share=True)
+    assert sorted(str(d) for d in wb._flat) == ["torch.float32", "torch.int64"]
+    assert wb.tensors["frozen"].untyped_storage().data_ptr() == wb.tensors["lora"].untyped_storage().data_ptr()
+    wb.publish({"frozen": torch.ones(4, 3), "lora": torch.ones(2), "steps": torch.ones(1, dtype=torch.int64)}, 0)
+    reader = pickle.loads(ForkingPickler.dumps(wb))  # a spawned reader's copy: views rebuilt on the same memory
+    dst = {name: torch.full_like(t, -1) for name, t in src.items()}
+    assert reader.read_into(dst) == 0 and all(torch.all(t == 1) for t in dst.values())
+    wb.publish({"lora": torch.full((2,), 2.0)}, version=1)  # after each update: the trainable tensors only
+    dst["frozen"].fill_(-7)  # a frozen tensor a reader should not copy again
+    assert reader.read_into(dst, only_refreshed=True) == 1 and torch.all(dst["lora"] == 2)
+    assert torch.all(dst["frozen"] == -7), "the frozen tensor was copied again"
+    assert reader.read_into(dst) == 1 and torch.all(dst["frozen"] == 1)  # a new reader's full copy
+
+
 def test_bad_arguments_fail_before_anything_starts(tmp_path):
     with pytest.raises(SystemExit, match="unknown --task"):
         derive_and_check(Args(env=EnvArgs(task="tabletop3d")))
