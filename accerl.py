@@ -5,6 +5,8 @@
     python accerl.py --mode sync                      # the synchronous baseline, same parts
     python accerl.py --eval-only --checkpoint runs/X  # greedy evaluation table
     python accerl.py --wm-checkpoint runs/W/world_model --num-imagination-workers 2   # + imagination
+    python accerl.py --task libero_spatial --policy.backend openvla-oft --policy.checkpoint DIR \
+        --policy.trust-remote-code                    # fine-tune an OpenVLA-OFT checkpoint (LoRA)
 
 Read top to bottom: Args -> the process roles (env worker, also the imagination worker; evaluation,
 inference; the world model's server lives in world_model.py) -> the learner (GAE, the GIPO objective,
@@ -37,6 +39,7 @@ only learner_0 publishes weights, checkpoints and reports. K = M = 1 (the defaul
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -60,7 +63,7 @@ import tyro
 import checkpoint as ckpt
 from envs import EnvSpec, env_spec, make_env, parse_task
 from pipeline import Counters, Heartbeats, RolloutStorage, StorageShape, TimedGet, WeightBroadcast, free_tcp_port, log
-from vla_policy import (InstructionTokenizer, PolicyConfig, VLAPolicy, cli_with_preset, make_policy,
+from vla_policy import (PolicyConfig, VLAPolicy, cli_with_preset, make_policy, make_tokenizer,
                         resolve_policy_config)
 from world_model import (ContextBank, ImaginationSlots, ImaginedEnv, LocalWorldModel, RealResetContexts,
                          ReplayContexts, ServedWorldModel, SlotShape, StepReplay, WorldModel, WorldModelServer,
@@ -251,6 +254,9 @@ class AlgorithmArgs:
     """Passes over each super batch."""
     num_minibatches: int = 1
     """Optimiser steps per pass (the paper: one step per super batch)."""
+    micro_batch_size: int = 0
+    """Rows per forward/backward inside a minibatch, gradients accumulated (0: the whole minibatch at once).
+    Same update, less activation memory: large presets, or sync mode where a minibatch holds every env's segment."""
     max_policy_lag: int | None = None
     """Drop samples produced by a policy more than this many updates old (None: keep all)."""
     bf16: bool = True
@@ -297,8 +303,8 @@ def derive_and_check(args: Args) -> Args:
                         "keeps its own weights; --eval-only reads --checkpoint)")
     if args.algorithm.gipo_sigma <= 0:
         problems.append("--gipo-sigma must be > 0")
-    if args.policy.backend != "vla":
-        problems.append("--policy.backend openvla-oft is not wired into accerl.py yet (vla_policy.make_policy builds it)")
+    if args.algorithm.micro_batch_size < 0:
+        problems.append("--micro-batch-size must be >= 0 (0: the whole minibatch in one forward)")
     if args.policy.checkpoint and args.experiment.init_policy:
         problems.append("--init-policy and --policy.checkpoint exclude each other (both start from a saved policy)")
     if args.workers.max_batch < 1 or args.workers.batch_timeout_ms < 0:
@@ -321,6 +327,10 @@ def derive_and_check(args: Args) -> Args:
                         **env_options(args))
     except (TypeError, ValueError) as exc:
         raise SystemExit(f"accerl: bad env options for --task {args.env.task}: {exc}")
+    if args.policy.backend == "openvla-oft":  # before any of the checkpoint's code runs
+        problems = openvla_oft_problems(args, spec)
+        if problems:
+            raise SystemExit("accerl: bad --policy.backend openvla-oft arguments:\n  " + "\n  ".join(problems))
     if args.experiment.init_policy:
         args.policy = load_policy_config(args.experiment.init_policy)
         if args.policy.num_cameras != (2 if args.env.wrist_camera else 1):
@@ -330,9 +340,15 @@ def derive_and_check(args: Args) -> Args:
         args.policy = resolve_policy_config(args.policy, num_cameras=2 if args.env.wrist_camera else 1)
     except (OSError, ValueError) as exc:
         raise SystemExit(f"accerl: --policy.checkpoint: {exc}")
-    # instructions must fit whole (LIBERO's run to ~100 bytes): a cut instruction can hide the goal
-    longest = max(InstructionTokenizer().num_tokens(text) for text in spec.instructions)
-    if longest > args.policy.max_instruction_tokens and (args.experiment.init_policy or args.policy.checkpoint):
+    # instructions must fit whole (LIBERO's run to ~100 bytes): a cut instruction can hide the goal. The tokens
+    # are the policy's own (make_tokenizer): OpenVLA-OFT's prompt tokenizer wraps them in its prompt template.
+    try:
+        tokenizer = make_tokenizer(args.policy)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"accerl: --policy.checkpoint {args.policy.checkpoint}: no usable tokenizer: {exc}")
+    longest = max(tokenizer.num_tokens(text) for text in spec.instructions)
+    fixed_width = args.experiment.init_policy or (args.policy.checkpoint and args.policy.backend == "vla")
+    if longest > args.policy.max_instruction_tokens and fixed_width:  # a VLAPolicy was trained at its width
         raise SystemExit(f"accerl: the instructions of {args.env.task} need {longest} tokens, the policy in "
                          f"--init-policy takes {args.policy.max_instruction_tokens}: train it with "
                          f"--policy.max-instruction-tokens {longest}")
@@ -421,6 +437,38 @@ def world_model_problems(args: Args, spec: EnvSpec) -> list[str]:
     if uses_replay(args) and wm.wm_replay_steps_per_env < cfg.context_frames + 4:
         problems.append(f"--wm-replay-steps-per-env must be >= {cfg.context_frames + 4} (context frames + 4)")
     return problems
+
+
+def openvla_oft_problems(args: Args, spec: EnvSpec) -> list[str]:
+    """Bad combinations with --policy.backend openvla-oft, found from the checkpoint's files before any of its code
+    runs: no checkpoint there, remote code not allowed (--policy.trust-remote-code), action statistics other than
+    those the env de-normalises with (the policy acts in [-1, 1] of ITS dataset statistics, the env maps [-1, 1]
+    back with its own: different ones scale every action wrongly, silently)."""
+    from openvla_oft import check_checkpoint, checkpoint_action_stats
+
+    directory = args.policy.checkpoint
+    try:
+        check_checkpoint(directory, args.policy.trust_remote_code)
+        stats = checkpoint_action_stats(directory)
+    except (OSError, ValueError, RuntimeError) as exc:  # RemoteCodeError is a RuntimeError
+        return [f"--policy.checkpoint {directory}: {exc}"]
+    if spec.action_stats is None:  # the env's own units (tabletop2d): no dataset statistics to agree with
+        return []
+    env_low, env_high = (np.asarray(v, dtype=np.float64) for v in spec.action_stats)
+    n = len(env_low)
+    mask = np.asarray(stats["mask"], dtype=bool)
+    low, high = (np.asarray(stats[k], dtype=np.float64)[:n] for k in ("low", "high"))
+    if len(mask) != spec.action_dim or not mask[:n].all() or mask[n:].any():
+        return [f"--policy.checkpoint {directory}: its statistics normalise action dims "
+                f"{np.flatnonzero(mask).tolist()}; the {spec.name} env de-normalises dims 0..{n - 1} and takes the "
+                "others unnormalised"]
+    if not all(np.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in ((low, env_low), (high, env_high))):
+        return [f"--policy.checkpoint {directory}: its action statistics ({stats['key']}: low "
+                f"{np.round(low, 4).tolist()}, high {np.round(high, 4).tolist()}) are not those the {spec.name} env "
+                f"de-normalises with (low {np.round(env_low, 4).tolist()}, high {np.round(env_high, 4).tolist()}): "
+                "every action would be scaled wrongly. Use a checkpoint trained on this suite, or name the matching "
+                """statistics (--env-options '{"action_stats": "<suite>"}')"""]
+    return []
 
 
 def uses_replay(args: Args) -> bool:
@@ -719,7 +767,8 @@ class EnvWorker:
         self.rng = np.random.default_rng(derive_seed(args.experiment.seed, src.seed_stream, rank, seed_offset))
         self.curriculum = TaskCurriculum(spec.num_tasks, self.rng)
         self.pinned_task = parse_task(args.env.task)[1]
-        tokenizer = InstructionTokenizer()
+        # the policy's own tokenizer (no model needed): its ids are what the policy reads
+        tokenizer = make_tokenizer(args.policy)
         self.instructions = tokenizer.encode(list(spec.instructions), args.policy.max_instruction_tokens)
         self.getter = TimedGet(self.name, args.workers.wait_timeout_s)
         self.envs = [EnvState(env=self._build_env(i, 0)) for i in range(src.num_envs)]
@@ -899,7 +948,7 @@ class EvalWorker:
         self.poll_s, self.segment = poll_s, segment
         self.name = f"eval_worker_{rank}"
         self.requests = chan.requests[inference_server_of(client, args)]
-        tokenizer = InstructionTokenizer()
+        tokenizer = make_tokenizer(args.policy)  # as the env workers
         self.instructions = tokenizer.encode(list(spec.instructions), args.policy.max_instruction_tokens)
         self.restarts = 0
         self.env = self._build_env(0)
@@ -1006,11 +1055,15 @@ class InferenceServer:
             1 for i in range(args.workers.num_env_workers) if inference_server_of(i, args) == rank)
         self.device = torch.device(device)
         torch.manual_seed(derive_seed(args.experiment.seed, 3, *((rank,) if rank else ())))  # server 0: as with K = 1
-        with torch.device("meta"):
-            policy = make_policy(args.policy)
-        self.policy = policy.to_empty(device=self.device).eval()
+        if frozen_base_from_checkpoint(args.policy):  # the frozen base from disk, the trainable tensors published
+            self.policy = make_policy(args.policy).to(self.device).eval()
+        else:  # every weight comes from the learner's first publication
+            with torch.device("meta"):
+                policy = make_policy(args.policy)
+            self.policy = policy.to_empty(device=self.device).eval()
         self.params = dict(self.policy.named_parameters())
         self.params.update(dict(self.policy.named_buffers()))
+        self.proprio_dim = policy_proprio_dim(self.policy)
         self.version = -1
         self.pending: list[tuple[tuple, float]] = []
         self.getter = TimedGet(self.name, args.workers.wait_timeout_s)
@@ -1022,7 +1075,8 @@ class InferenceServer:
     def _maybe_load_weights(self) -> None:
         published = self.shared.weights.published_version()
         if published > self.version:
-            version = self.shared.weights.read_into(self.params)
+            # a full copy the first time, then only what the learner re-publishes (trainable tensors)
+            version = self.shared.weights.read_into(self.params, only_refreshed=self.version >= 0)
             if version is not None:
                 self.version = version
 
@@ -1078,9 +1132,15 @@ class InferenceServer:
         start = time.perf_counter()
         images = storage.images[segs, rows].to(self.device, non_blocking=True)
         instructions = storage.instruction[segs, rows].to(self.device, non_blocking=True)
+        proprio = proprio_input(self.proprio_dim, storage.proprio[segs, rows], self.device)
         with self.autocast:
-            out = self.policy.act(images, instructions, greedy)
+            out = self.policy.act(images, instructions, greedy, **proprio)
         storage.action_tokens[segs, rows] = out["action_tokens"].cpu()
+        # The one place actions go to the envs: act()["actions"] is in the env contract's convention for every
+        # backend (envs/__init__.py: [-1, 1] per dim, gripper > 0 closes; each env de-normalises with its own
+        # statistics). VLAPolicy: its bin centres. OpenVLA-OFT: the model's output normalised with its dataset
+        # statistics, gripper mapped x -> 1 - 2x (OpenVLAOFTPolicy.to_env_actions), NOT de-normalised
+        # (unnormalize_actions is not used here); derive_and_check refused statistics other than the env's.
         storage.actions[segs, rows] = out["actions"].float().cpu()
         storage.logp[segs, rows] = out["logp"].float().cpu()
         storage.log_probs[segs, rows] = out["log_probs"].to(torch.float16).cpu()
@@ -1206,12 +1266,38 @@ def lr_lambda(algo: AlgorithmArgs):
     return fn
 
 
-def published_tensors(policy: torch.nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
+def frozen_base_from_checkpoint(cfg: PolicyConfig) -> bool:
+    """Whether every process reads the policy's frozen weights itself from --policy.checkpoint: OpenVLA-OFT (the
+    7.5 B base model and the constant buffers: statistics, bin centres, image normalisation). Then only the
+    trainable tensors (LoRA adapters, action head and log sigma, proprio projector, critic) travel through the
+    weight broadcast and go into checkpoints. A VLAPolicy's initial weights exist only in the learner: it ships
+    everything once."""
+    return cfg.backend == "openvla-oft"
+
+
+def published_tensors(policy: torch.nn.Module, trainable_only: bool,
+                      base_from_checkpoint: bool = False) -> dict[str, torch.Tensor]:
     """What the inference copy needs: everything once, then after each update only the trainable
-    parameters (and buffers): frozen weights never change, so they are not copied again."""
+    parameters (and buffers): frozen weights never change, so they are not copied again. With
+    `base_from_checkpoint` (`frozen_base_from_checkpoint`): the trainable parameters only, always; that is
+    also the broadcast's whole layout, so inference never copies a frozen tensor either."""
+    if base_from_checkpoint:
+        return {n: p for n, p in policy.named_parameters() if p.requires_grad}
     named = {n: p for n, p in policy.named_parameters() if p.requires_grad or not trainable_only}
     named.update(dict(policy.named_buffers()))
     return named
+
+
+def proprio_input(proprio_dim: int, proprio: torch.Tensor, device) -> dict[str, torch.Tensor]:
+    """The `proprio=` keyword of the policy's act / evaluate / forward: the env's raw robot state (B, proprio_dim)
+    from the storage rows, for a policy that reads it (`proprio_dim` > 0: an OpenVLA-OFT checkpoint with a
+    proprio projector); nothing for one that does not (VLAPolicy)."""
+    return {"proprio": proprio[..., :proprio_dim].to(device, non_blocking=True)} if proprio_dim else {}
+
+
+def policy_proprio_dim(policy: torch.nn.Module) -> int:
+    """Length of the robot state the policy reads (`OpenVLAOFTPolicy.proprio_dim`); 0: none (VLAPolicy)."""
+    return int(getattr(policy, "proprio_dim", 0))
 
 
 class _EvaluateForward(torch.nn.Module):
@@ -1222,8 +1308,9 @@ class _EvaluateForward(torch.nn.Module):
         super().__init__()
         self.policy = policy
 
-    def forward(self, images: torch.Tensor, instructions: torch.Tensor, action_tokens: torch.Tensor) -> dict:
-        return self.policy.evaluate(images, instructions, action_tokens)
+    def forward(self, images: torch.Tensor, instructions: torch.Tensor, action_tokens: torch.Tensor,
+                **proprio: torch.Tensor) -> dict:
+        return self.policy.evaluate(images, instructions, action_tokens, **proprio)
 
 
 class Learner:
@@ -1268,6 +1355,7 @@ class Learner:
         random.seed(args.experiment.seed)
         np.random.seed(args.experiment.seed % 2**32)
         policy = make_policy(args.policy)
+        self.proprio_dim = policy_proprio_dim(policy)  # robot state the policy reads from the rows (0: none)
         optimizer = torch.optim.AdamW(
             [{"params": policy.policy_parameters(), "lr": args.algorithm.policy_lr, "name": "policy"},
              {"params": policy.value_parameters(), "lr": args.algorithm.value_lr, "name": "value"}],
@@ -1323,10 +1411,14 @@ class Learner:
     # -- weights and checkpoints -----------------------------------------------------------------
     def publish(self, trainable_only: bool = True) -> None:
         policy = self.accelerator.unwrap_model(self.policy)
-        self.shared.weights.publish(published_tensors(policy, trainable_only), self.update)
+        self.shared.weights.publish(
+            published_tensors(policy, trainable_only, frozen_base_from_checkpoint(self.args.policy)), self.update)
 
     def save(self) -> Path:
-        model = self.accelerator.unwrap_model(self.policy).state_dict()
+        policy = self.accelerator.unwrap_model(self.policy)
+        # OpenVLA-OFT: the trainable tensors only (as OpenVLAOFTPolicy.save); the frozen base is --policy.checkpoint
+        model = (published_tensors(policy, True, base_from_checkpoint=True)
+                 if frozen_base_from_checkpoint(self.args.policy) else policy.state_dict())
         opt_tensors, opt_meta = ckpt.optimizer_to_tensors(self.optimizer.state_dict())
         meta = {"args": _jsonable(asdict(self.args)), "counters": self.shared.counters.totals(),
                 "optimizer": opt_meta, "scheduler": self.scheduler.state_dict(), "versions": software_versions(self.args)}
@@ -1343,7 +1435,16 @@ class Learner:
 
     def _load(self, path: Path) -> None:
         model, opt_tensors, rng, meta = ckpt.load_checkpoint(path)
-        self.accelerator.unwrap_model(self.policy).load_state_dict(model)
+        policy = self.accelerator.unwrap_model(self.policy)
+        if frozen_base_from_checkpoint(self.args.policy):  # trainable tensors only, all of them (see save)
+            expected = published_tensors(policy, True, base_from_checkpoint=True)
+            unknown, missing = sorted(set(model) - set(expected)), sorted(set(expected) - set(model))
+            if unknown or missing:
+                raise ValueError(f"{path} does not match this policy's trainable tensors: unknown {unknown[:5]}, "
+                                 f"missing {missing[:5]}")
+            policy.load_state_dict(model, strict=False)
+        else:
+            policy.load_state_dict(model)
         self.optimizer.load_state_dict(ckpt.optimizer_from_tensors(opt_tensors, meta["optimizer"]))
         self.scheduler.load_state_dict(meta["scheduler"])
         ckpt.set_rng_state(rng, meta["rng"])
@@ -1429,12 +1530,13 @@ class Learner:
         idx = torch.tensor(segments)
         # indexing with a tensor copies; rows 0..T only (row T + 1 is scratch space)
         batch = {name: storage.fields[name][idx, : T + 1] for name in (
-            "images", "instruction", "action_tokens", "logp", "log_probs", "value", "version",
+            "images", "proprio", "instruction", "action_tokens", "logp", "log_probs", "value", "version",
             "reward", "terminated", "truncated", "trunc_value", "valid", "env_steps", "imagined")}
         for seg in segments:
             imagined = bool(storage.imagined[seg, 0])
             (self.chan.imagined_free_segments if imagined else self.chan.free_segments).put(seg)
         batch["bootstrap_images"] = batch["images"][:, T]
+        batch["bootstrap_proprio"] = batch["proprio"][:, T]
         batch["bootstrap_instruction"] = batch["instruction"][:, T]
         batch["bootstrap_value"] = batch["value"][:, T]
         for name in list(batch):
@@ -1449,11 +1551,13 @@ class Learner:
         return batch
 
     @torch.no_grad()
-    def _values(self, images: torch.Tensor, instructions: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    def _values(self, images: torch.Tensor, instructions: torch.Tensor, proprio: torch.Tensor,
+                chunk: int = 256) -> torch.Tensor:
         out = []
         for i in range(0, len(images), chunk):
             with self.accelerator.autocast():
-                _, value = self.policy(images[i:i + chunk].to(self.device), instructions[i:i + chunk].to(self.device))
+                _, value = self.policy(images[i:i + chunk].to(self.device), instructions[i:i + chunk].to(self.device),
+                                       **proprio_input(self.proprio_dim, proprio[i:i + chunk], self.device))
             out.append(value.float().cpu())
         return torch.cat(out)
 
@@ -1462,13 +1566,15 @@ class Learner:
         N, T = batch["reward"].shape
         values, bootstrap = batch["value"], batch["bootstrap_value"]
         if args.algorithm.recompute_value:
-            values = self._values(batch["images"].flatten(0, 1), batch["instruction"].flatten(0, 1)).view(N, T)
-            bootstrap = self._values(batch["bootstrap_images"], batch["bootstrap_instruction"])
+            values = self._values(batch["images"].flatten(0, 1), batch["instruction"].flatten(0, 1),
+                                  batch["proprio"].flatten(0, 1)).view(N, T)
+            bootstrap = self._values(batch["bootstrap_images"], batch["bootstrap_instruction"],
+                                     batch["bootstrap_proprio"])
         advantages, returns = compute_gae(batch["reward"], values, bootstrap, batch["terminated"],
                                           batch["truncated"], batch["trunc_value"], args.algorithm.gamma,
                                           args.algorithm.gae_lambda)
-        flat = {k: batch[k].flatten(0, 1) for k in ("images", "instruction", "action_tokens", "logp", "log_probs",
-                                                     "mask", "lag", "env_steps")}
+        flat = {k: batch[k].flatten(0, 1) for k in ("images", "proprio", "instruction", "action_tokens", "logp",
+                                                     "log_probs", "mask", "lag", "env_steps")}
         flat["advantages"], flat["returns"], flat["values"] = advantages.flatten(), returns.flatten(), values.flatten()
         mask = flat["mask"]
         kept, kept_imagined = int(mask.sum()), int((mask & batch["imagined"].flatten()).sum())
@@ -1529,46 +1635,64 @@ class Learner:
         return out
 
     def _minibatch_step(self, mb: dict[str, torch.Tensor]) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        """One optimiser step on a minibatch, in micro-batches of --micro-batch-size rows whose gradients add up
+        to the whole minibatch's (every sum is divided by the minibatch's counts, not the micro-batch's)."""
         args, dev = self.args, self.device
-        with self.accelerator.autocast():
-            out = self.evaluate(mb["images"].to(dev), mb["instruction"].to(dev), mb["action_tokens"].to(dev))
         # Only tokens that acted count: steps the env executed (a chunk stops at the episode's end) and
         # dimensions it uses. The others cannot change the reward, so their terms only add variance.
         tokens = effective_tokens(mb["env_steps"].to(dev), args.policy.chunk_len, self.active_dims.to(dev))
-        n_tokens = tokens.sum().clamp_min(1)
         keep = mb["mask"].to(dev)
+        n_tokens, n_samples = tokens.sum().clamp_min(1), torch.tensor(float(len(keep)), device=dev)
         if self.world_size > 1:
             tokens &= keep[:, None, None]  # rows dropped from the super batch weigh 0 (see train_on)
             # Each rank divides its sums by the global counts over M: DDP averages the M gradients, so the
             # result is the gradient of the whole minibatch's loss, as one learner would compute it.
             counts = self._sum_over_ranks(torch.stack([tokens.sum(), keep.sum()])).clamp_min(1) / self.world_size
             n_tokens, n_samples = counts.float().to(dev)
+        rows = len(keep)
+        size = args.algorithm.micro_batch_size or rows
+        parts = [slice(i, min(i + size, rows)) for i in range(0, rows, size)]
+        self.optimizer.zero_grad(set_to_none=True)
+        terms, ratios, weights = torch.zeros(5, device=dev), [], []
+        for i, part in enumerate(parts):
+            # DDP all-reduces the gradients at the last micro-batch's backward only
+            sync = self.world_size == 1 or i == len(parts) - 1
+            with contextlib.nullcontext() if sync else self.accelerator.no_sync(self.evaluate):
+                part_terms, diag = self._micro_batch_loss({k: v[part] for k, v in mb.items()}, tokens[part],
+                                                         keep[part], n_tokens, n_samples)
+                self.accelerator.backward(part_terms[-1])
+            terms += part_terms.detach()
+            ratios.append(diag["ratio"].flatten().float().cpu())
+            weights.append(diag["w"].flatten().float().cpu())
+        grad_norm = self.accelerator.clip_grad_norm_(self.policy.parameters(), args.algorithm.max_grad_norm)
+        self.optimizer.step()
+        if self.world_size > 1:  # each rank holds M x its part of the minibatch's losses
+            terms = self._sum_over_ranks(terms) / self.world_size
+        names = ("losses/policy_loss", "losses/value_loss", "losses/kl", "losses/entropy", "losses/total")
+        metrics = {**dict(zip(names, terms.tolist())), "losses/grad_norm": float(grad_norm)}
+        return metrics, {"ratio": torch.cat(ratios), "w": torch.cat(weights)}
+
+    def _micro_batch_loss(self, mb: dict[str, torch.Tensor], tokens: torch.Tensor, keep: torch.Tensor,
+                          n_tokens: torch.Tensor, n_samples: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """(policy, value, KL, entropy, total) loss terms of these rows, as sums over the rows divided by the
+        minibatch's token and sample counts, and the trust diagnostics."""
+        args, dev, algo = self.args, self.device, self.args.algorithm
+        with self.accelerator.autocast():
+            out = self.evaluate(mb["images"].to(dev), mb["instruction"].to(dev), mb["action_tokens"].to(dev),
+                                **proprio_input(self.proprio_dim, mb["proprio"], dev))
         logp = out["logp"].float()[tokens]
         behaviour_logp = mb["logp"].to(dev)[tokens]
         adv = mb["advantages"].to(dev)[:, None, None].expand_as(tokens)[tokens]
-        per_token, diag = policy_objective(args.algorithm.loss, logp, behaviour_logp, adv, args.algorithm)
+        per_token, diag = policy_objective(algo.loss, logp, behaviour_logp, adv, algo)
         pg_loss = per_token.sum() / n_tokens
         # KL(behaviour || current) over the full 256-way categorical of every such token
         b_logp_all = mb["log_probs"].to(dev).float()[tokens]
         kl = (b_logp_all.exp() * (b_logp_all - out["log_probs"].float()[tokens])).sum(-1).sum() / n_tokens
         entropy = out["entropy"].float()[tokens].sum() / n_tokens
         value_error = (out["value"].float() - mb["returns"].to(dev)).square()
-        if self.world_size == 1:
-            value_loss = value_error.mean()
-        else:
-            value_loss = torch.where(keep, value_error, 0.0).sum() / n_samples
-        algo = args.algorithm
+        value_loss = torch.where(keep, value_error, 0.0).sum() / n_samples
         loss = pg_loss + algo.kl_coef * kl - algo.ent_coef * entropy + algo.vf_coef * value_loss
-        self.optimizer.zero_grad(set_to_none=True)
-        self.accelerator.backward(loss)
-        grad_norm = self.accelerator.clip_grad_norm_(self.policy.parameters(), args.algorithm.max_grad_norm)
-        self.optimizer.step()
-        terms = torch.stack([pg_loss, value_loss, kl, entropy, loss]).detach()
-        if self.world_size > 1:  # each rank holds M x its part of the minibatch's losses
-            terms = self._sum_over_ranks(terms) / self.world_size
-        names = ("losses/policy_loss", "losses/value_loss", "losses/kl", "losses/entropy", "losses/total")
-        metrics = {**dict(zip(names, terms.tolist())), "losses/grad_norm": float(grad_norm)}
-        return metrics, {"ratio": diag["ratio"].flatten().float().cpu(), "w": diag["w"].flatten().float().cpu()}
+        return torch.stack([pg_loss, value_loss, kl, entropy, loss]), diag
 
     def _sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
         """Element-wise sum of a small tensor over the learner ranks (float64, returned on the CPU)."""
@@ -1672,7 +1796,13 @@ class Run:
             ckpt.resolve_checkpoint(args.experiment.checkpoint) if args.experiment.eval_only else None)
         if source is not None:  # the policy's architecture is the checkpoint's, whatever the flags say
             saved = json.loads((source / "meta.json").read_text())["args"]["policy"]
+            # ... except the consent to run a checkpoint's own code: this command line's, never a saved one
+            saved["trust_remote_code"] = args.policy.trust_remote_code
             args.policy = PolicyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+            if args.policy.backend == "openvla-oft":
+                problems = openvla_oft_problems(args, self.spec)
+                if problems:
+                    raise SystemExit(f"accerl: the policy of {source}: " + "\n  ".join(problems))
         self.run_dir = self._run_dir()
         self.start_time = time.time()
         self.interrupted = False
@@ -1708,6 +1838,12 @@ class Run:
                         if wm.num_imagination_workers else 0)
         num_segments = num_real + num_imagined + args.workers.num_eval_workers
         self.first_eval_segment = num_segments - args.workers.num_eval_workers
+        with torch.device("meta"):  # names, shapes and dtypes only
+            skeleton = make_policy(args.policy)
+        proprio_dim = policy_proprio_dim(skeleton)
+        if proprio_dim and proprio_dim != spec.proprio_dim:
+            raise SystemExit(f"accerl: the policy reads {proprio_dim}-D proprio (the proprio projector of "
+                             f"--policy.checkpoint), the {spec.name} env gives {spec.proprio_dim}-D")
         shape = StorageShape(num_segments=num_segments, segment_len=args.workers.segment_len,
                              num_cameras=len(spec.cameras), image_size=args.policy.image_size,
                              proprio_dim=spec.proprio_dim, instruction_len=args.policy.max_instruction_tokens,
@@ -1716,10 +1852,8 @@ class Run:
         share = not serial
         storage = RolloutStorage(shape, share=share)
         storage.imagined[num_real:num_real + num_imagined] = True
-        with torch.device("meta"):
-            skeleton = make_policy(args.policy)
-        weights = WeightBroadcast({n: torch.zeros(t.shape, dtype=t.dtype)
-                                   for n, t in published_tensors(skeleton, trainable_only=False).items()}, share=share)
+        layout = published_tensors(skeleton, False, frozen_base_from_checkpoint(args.policy))
+        weights = WeightBroadcast({n: torch.zeros(t.shape, dtype=t.dtype) for n, t in layout.items()}, share=share)
         num_env_workers = 0 if args.experiment.eval_only else args.workers.num_env_workers
         self.inference_names = numbered("inference", args.workers.num_inference_servers)
         self.learner_names = [] if args.experiment.eval_only else numbered("learner", args.workers.num_learners)

@@ -5,11 +5,16 @@
     out = policy.act(images, ids, greedy=False, proprio=proprio)               # inference
     out = policy.evaluate(images, ids, out["action_tokens"], proprio=proprio)  # learner
 
+accerl.py runs it (`--policy.backend openvla-oft --policy.checkpoint DIR --policy.trust-remote-code`): before any of
+the checkpoint's code runs, `check_checkpoint` and `checkpoint_action_stats` read only its files; env workers
+encode with `load_prompt_tokenizer` (the same tokenizer, no model); `load` inside `torch.device("meta")` builds a
+skeleton without reading weights (the weight broadcast's layout: the trainable tensors, `proprio_dim`).
+
 Same methods and shapes as `vla_policy.VLAPolicy`: `act` -> action_tokens (B, chunk, dim) long, actions,
 logp (B, chunk, dim), log_probs (B, chunk, dim, 256), value (B,); `evaluate` -> logp, entropy, log_probs,
 value; `forward` -> (logits, value); `policy_parameters`, `value_parameters`, `save`, `load`, `tokenizer`.
-Only `act` and `evaluate` take one extra keyword, `proprio` (B, proprio_dim) raw robot state, needed by
-checkpoints that ship a proprio projector (OFT's LIBERO ones: 8-D eef pos + axis-angle + gripper qpos).
+Only `act` and `evaluate` (and `forward`) take one extra keyword, `proprio` (B, proprio_dim) raw robot state,
+needed by checkpoints that ship a proprio projector (OFT's LIBERO ones: 8-D eef pos + axis-angle + gripper qpos).
 
 What a checkpoint directory holds (OpenVLA-OFT's HF layout) and what is read from it:
 - config.json with `auto_map` and `model_type` "openvla", plus configuration_prismatic.py,
@@ -70,6 +75,8 @@ import json
 import math
 import os
 import re
+import types
+import warnings
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -78,7 +85,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from vla_policy import AttentionPoolValueHead, _linear_fp32, _sample_categorical
+from vla_policy import AttentionPoolValueHead, _building_on_meta, _linear_fp32, _sample_categorical
 
 Head = Literal["auto", "tokens", "regression"]
 Attention = Literal["bidirectional", "prefix_causal"]
@@ -253,7 +260,7 @@ class L1RegressionHead(nn.Module):
         action_dim = state["model.fc2.weight"].shape[0]
         blocks = {int(m.group(1)) for k in state if (m := re.match(r"model\.mlp_resnet_blocks\.(\d+)\.", k))}
         head = cls(in_dim // action_dim, hidden_dim, action_dim, num_blocks=len(blocks))
-        head.load_state_dict(state, strict=True)
+        _load_state(head, state)
         return head
 
 
@@ -273,8 +280,15 @@ class ProprioProjector(nn.Module):
     def from_state_dict(cls, state: dict[str, torch.Tensor]) -> "ProprioProjector":
         llm_dim, proprio_dim = state["fc1.weight"].shape
         projector = cls(llm_dim, proprio_dim)
-        projector.load_state_dict(state, strict=True)
+        _load_state(projector, state)
         return projector
+
+
+def _load_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Strict load_state_dict; into a meta skeleton only the names and shapes are checked (no copy, no warning)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter.*")
+        module.load_state_dict(state, strict=True)
 
 
 def load_torch_component(path: str) -> dict[str, torch.Tensor]:
@@ -435,6 +449,18 @@ class OFTPromptTokenizer:
         return cls(tokenizer, specials, **kwargs)
 
 
+def load_prompt_tokenizer(directory: str, num_bins: int = 256) -> OFTPromptTokenizer:
+    """The prompt tokenizer `OpenVLAOFTPolicy.load(directory, num_bins=...)` gives its policy, built without the
+    model and without remote code (env workers encode instructions with it): the base checkpoint's tokenizer
+    files, lower-casing as a `save` directory recorded (default: as OFT, on)."""
+    lowercase = OpenVLAOFTConfig.lowercase
+    saved = os.path.join(directory, SAVED_CONFIG)
+    if os.path.isfile(saved):
+        with open(saved) as f:
+            lowercase = json.load(f)["config"].get("lowercase", lowercase)
+    return OFTPromptTokenizer.load(base_checkpoint(directory), num_bins=num_bins, lowercase=lowercase)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Loading the remote-code model on transformers 5.x
 # ---------------------------------------------------------------------------------------------------------
@@ -511,13 +537,29 @@ def _remote_code_files(directory: str) -> list[str]:
     return sorted(os.path.basename(f) for f in glob.glob(os.path.join(directory, "*.py")))
 
 
-def load_openvla_model(directory: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.bfloat16,
-                       attn_implementation: str = "sdpa"):
-    """The checkpoint's PrismaticForConditionalGeneration / OpenVLAForActionPrediction with its weights, offline.
-    Raises RemoteCodeError before any of the checkpoint's code runs unless `trust_remote_code`."""
-    config_path = os.path.join(directory, "config.json")
+def base_checkpoint(directory: str) -> str:
+    """The OpenVLA / OpenVLA-OFT checkpoint behind `directory`: itself, or the base checkpoint a `save` directory
+    records (absolute paths)."""
+    directory = os.path.abspath(directory)
+    saved = os.path.join(directory, SAVED_CONFIG)
+    if os.path.isfile(saved):
+        with open(saved) as f:
+            return os.path.abspath(json.load(f)["config"]["checkpoint"])
+    return directory
+
+
+def check_checkpoint(directory: str, trust_remote_code: bool = False) -> tuple[dict, str]:
+    """What `load` checks before any of the checkpoint's code runs, reading only config.json: the directory is
+    an OpenVLA checkpoint (or a `save` directory whose base is one), and its remote code is allowed. Raises
+    FileNotFoundError, ValueError or RemoteCodeError (the checkpoint's Python files named); returns the base
+    checkpoint's (auto_map, model class key)."""
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory}: no such directory")
+    base = base_checkpoint(directory)
+    config_path = os.path.join(base, "config.json")
     if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{directory} is not a checkpoint directory (no config.json)")
+        where = f" (the base checkpoint {directory} was saved from)" if base != os.path.abspath(directory) else ""
+        raise FileNotFoundError(f"{base}{where} is not a checkpoint directory (no config.json)")
     with open(config_path) as f:
         raw = json.load(f)
     auto_map = raw.get("auto_map") or {}
@@ -527,10 +569,19 @@ def load_openvla_model(directory: str, trust_remote_code: bool = False, dtype: t
                          f"{raw.get('model_type')!r}): not an OpenVLA / OpenVLA-OFT checkpoint")
     if not trust_remote_code:
         raise RemoteCodeError(
-            f"{directory} defines its model in Python files that ship with it "
-            f"({', '.join(_remote_code_files(directory))}; "
+            f"{base} defines its model in Python files that ship with it "
+            f"({', '.join(_remote_code_files(base))}; "
             f"config auto_map: {auto_map[model_key]}). Loading it runs that code. If you trust this checkpoint, "
             "pass trust_remote_code=True (accerl: --policy.trust-remote-code).")
+    return auto_map, model_key
+
+
+def load_openvla_model(directory: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.bfloat16,
+                       attn_implementation: str = "sdpa"):
+    """The checkpoint's PrismaticForConditionalGeneration / OpenVLAForActionPrediction with its weights, offline.
+    Raises RemoteCodeError before any of the checkpoint's code runs unless `trust_remote_code`. Inside
+    `with torch.device("meta")`: the model built from its config, no weights read (a skeleton for shapes)."""
+    auto_map, model_key = check_checkpoint(directory, trust_remote_code)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: every call below is local_files_only
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     config_class = _remote_class(auto_map["AutoConfig"], directory)
@@ -538,8 +589,11 @@ def load_openvla_model(directory: str, trust_remote_code: bool = False, dtype: t
     _patch_for_transformers5(model_class)
     config = config_class.from_pretrained(directory, local_files_only=True)
     with _timm_version_bypass(), _keep_device_constructors():
-        model = model_class.from_pretrained(directory, config=config, dtype=dtype, local_files_only=True,
-                                            attn_implementation=attn_implementation)
+        if _building_on_meta():  # from_pretrained refuses a meta device context: build from the config
+            model = model_class._from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+        else:
+            model = model_class.from_pretrained(directory, config=config, dtype=dtype, local_files_only=True,
+                                                attn_implementation=attn_implementation)
     missing = [name for name in ("vision_backbone", "projector", "language_model") if not hasattr(model, name)]
     if missing:
         raise ValueError(f"{type(model).__name__} from {directory} lacks {missing}: not a Prismatic / OpenVLA model")
@@ -553,6 +607,37 @@ def load_norm_stats(directory: str, config) -> dict:
         with open(path) as f:
             return json.load(f)
     return dict(getattr(config, "norm_stats", None) or {})
+
+
+def select_action_stats(norm_stats: dict, unnorm_key: str | None = None,
+                        normalization: Normalization = "bounds_q99") -> dict:
+    """The action statistics of `unnorm_key` (None: the only dataset): {"key", "low", "high", "mask"} (lists), low /
+    high = q01 / q99 ("bounds_q99") or min / max ("bounds")."""
+    keys = sorted(norm_stats)
+    key = unnorm_key
+    if key is None:
+        if len(keys) != 1:
+            raise ValueError(f"the checkpoint has statistics for {keys}: pass unnorm_key")
+        key = keys[0]
+    if key not in norm_stats:
+        raise ValueError(f"unnorm_key {key!r} not in the checkpoint's statistics {keys}")
+    lo_key, hi_key = ("q01", "q99") if normalization == "bounds_q99" else ("min", "max")
+    action = norm_stats[key]["action"]
+    if lo_key not in action or hi_key not in action:
+        raise ValueError(f"normalization={normalization!r} but the action statistics of {key} have no "
+                         f"{lo_key} / {hi_key}")
+    low, high = list(action[lo_key]), list(action[hi_key])
+    return {"key": key, "low": low, "high": high, "mask": list(action.get("mask", [True] * len(low)))}
+
+
+def checkpoint_action_stats(directory: str, unnorm_key: str | None = None,
+                            normalization: Normalization = "bounds_q99") -> dict:
+    """`OpenVLAOFTPolicy.action_stats` of a policy loaded from `directory`, read without the model or its remote
+    code: the base checkpoint's dataset_statistics.json, else config.json's norm_stats (`select_action_stats`)."""
+    base = base_checkpoint(directory)
+    with open(os.path.join(base, "config.json")) as f:
+        config = json.load(f)
+    return select_action_stats(load_norm_stats(base, types.SimpleNamespace(**config)), unnorm_key, normalization)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -579,27 +664,15 @@ class OpenVLAOFTPolicy(nn.Module):
         llm_dim = model.get_input_embeddings().weight.shape[1]
 
         # Action statistics (OpenVLA's _unnormalize_actions with OFT's ACTION_PROPRIO_NORMALIZATION_TYPE).
-        keys = sorted(norm_stats)
-        key = cfg.unnorm_key
-        if key is None:
-            if len(keys) != 1:
-                raise ValueError(f"the checkpoint has statistics for {keys}: pass unnorm_key")
-            key = keys[0]
-        if key not in norm_stats:
-            raise ValueError(f"unnorm_key {key!r} not in the checkpoint's statistics {keys}")
-        self.unnorm_key = key
+        stats = select_action_stats(norm_stats, cfg.unnorm_key, cfg.normalization)
+        key, low, high = stats["key"], stats["low"], stats["high"]
         lo_key, hi_key = ("q01", "q99") if cfg.normalization == "bounds_q99" else ("min", "max")
-        action = norm_stats[key]["action"]
-        if lo_key not in action or hi_key not in action:
-            raise ValueError(f"normalization={cfg.normalization!r} but the action statistics of {key} have no "
-                             f"{lo_key} / {hi_key}")
-        low, high = action[lo_key], action[hi_key]
+        self.unnorm_key = key
         if len(low) != cfg.action_dim:
             raise ValueError(f"action_dim={cfg.action_dim} but the statistics of {key} have {len(low)} dims")
         self.register_buffer("action_low", torch.tensor(low, dtype=torch.float64), persistent=False)
         self.register_buffer("action_high", torch.tensor(high, dtype=torch.float64), persistent=False)
-        self.register_buffer("action_mask", torch.tensor(action.get("mask", [True] * len(low)), dtype=torch.bool),
-                             persistent=False)
+        self.register_buffer("action_mask", torch.tensor(stats["mask"], dtype=torch.bool), persistent=False)
         proprio_stats = norm_stats[key].get("proprio") or {}
 
         # Heads.
@@ -656,15 +729,19 @@ class OpenVLAOFTPolicy(nn.Module):
         base checkpoint; pass checkpoint=... if that moved). `options`: OpenVLAOFTConfig fields."""
         directory = os.path.abspath(directory)
         saved = os.path.join(directory, SAVED_CONFIG)
+        meta = _building_on_meta()  # a skeleton (names, shapes, dtypes): no weights read, nothing to move
         if os.path.isfile(saved):
             with open(saved) as f:
                 fields = json.load(f)["config"]
             cfg = OpenVLAOFTConfig(**{**fields, **options, "trust_remote_code": trust_remote_code})
-            policy = cls._from_checkpoint(cfg).to(device)
-            policy._load_trainable(os.path.join(directory, SAVED_WEIGHTS))
+            policy = cls._from_checkpoint(cfg)
+            if not meta:
+                policy = policy.to(device)
+                policy._load_trainable(os.path.join(directory, SAVED_WEIGHTS))
             return policy
         cfg = OpenVLAOFTConfig(**{**options, "checkpoint": directory, "trust_remote_code": trust_remote_code})
-        return cls._from_checkpoint(cfg).to(device)
+        policy = cls._from_checkpoint(cfg)
+        return policy if meta else policy.to(device)
 
     @classmethod
     def _from_checkpoint(cls, cfg: OpenVLAOFTConfig) -> "OpenVLAOFTPolicy":
@@ -764,6 +841,11 @@ class OpenVLAOFTPolicy(nn.Module):
         copies = self.channels_per_image // 3
         x = (x.repeat(1, copies, 1, 1) - self.pixel_mean[:, None, None]) / self.pixel_std[:, None, None]
         return x.reshape(batch, cams * self.channels_per_image, self.input_size, self.input_size)
+
+    @property
+    def proprio_dim(self) -> int:
+        """Length of the raw robot state `act` / `evaluate` read (`proprio=`); 0: the policy takes none."""
+        return 0 if self.proprio_projector is None else self.proprio_projector.fc1.in_features
 
     def normalize_proprio(self, proprio: torch.Tensor) -> torch.Tensor:
         """OFT's normalize_proprio: 2 (x - low) / (high - low + 1e-8) - 1 where masked, clipped to [-1, 1]."""

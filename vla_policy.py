@@ -214,9 +214,11 @@ class PolicyConfig:
     gradient-checkpointing stay yours), or an OpenVLA-OFT checkpoint with --policy.backend openvla-oft."""
     backend: Backend = "vla"
     """"vla": this module's VLAPolicy. "openvla-oft": openvla_oft.OpenVLAOFTPolicy from --policy.checkpoint
-    (make_policy builds it; accerl.py does not run it yet)."""
+    (its own sizes and prompt tokenizer; the --policy.* sizes other than chunk-len, action-dim, num-bins do not
+    apply; the instruction buffer is sized to its prompts)."""
     trust_remote_code: bool = False
-    """openvla-oft: run the checkpoint's own modeling code (required by OpenVLA checkpoints; never saved)."""
+    """openvla-oft: run the checkpoint's own modeling code (required by OpenVLA checkpoints; never taken from a
+    saved run: pass it again with --resume / --eval-only)."""
     lora_rank: int = 0
     """> 0: LoRA adapters (peft) of this rank on the vision tower's and decoder's linear layers; then only the
     adapters, the action head (with the action slots' inputs) and the value head train, and weight sync ships
@@ -1064,6 +1066,21 @@ def make_policy(cfg: PolicyConfig) -> nn.Module:
     if cfg.lora_rank != saved.lora_rank:
         policy.add_lora(cfg.lora_rank, cfg.lora_alpha)
     return policy
+
+
+def make_tokenizer(cfg: PolicyConfig):
+    """The instruction tokenizer of the policy `make_policy(cfg)` builds, without building it (env workers encode
+    their instructions with it and never hold a model): for "openvla-oft" the checkpoint's own prompt tokenizer
+    (`openvla_oft.load_prompt_tokenizer`: its tokenizer files, no remote code, the OpenVLA prompt around the
+    instruction); for a VLAPolicy checkpoint its saved tokenizer; else the byte-level `InstructionTokenizer`.
+    All have `encode(texts, max_len)`, `num_tokens(text)` (size the instruction buffer with it) and `pad_id`."""
+    if cfg.backend == "openvla-oft":
+        from openvla_oft import load_prompt_tokenizer
+
+        return load_prompt_tokenizer(cfg.checkpoint, num_bins=cfg.num_bins)
+    if cfg.checkpoint and os.path.exists(os.path.join(cfg.checkpoint, InstructionTokenizer.FILE)):
+        return InstructionTokenizer.load(cfg.checkpoint, cfg.num_bins)
+    return InstructionTokenizer(cfg.num_bins)
 
 
 def cli_with_preset(cls: type, args: list[str] | None = None):

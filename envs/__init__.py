@@ -50,6 +50,10 @@ class EnvSpec:
     """Action dimensions that affect the env (None: all). The learner leaves the others out of the
     policy loss: the reward cannot depend on them, so their tokens' score terms have zero mean and only
     add variance (tabletop2d ignores the rotation dims that exist for the 7-D contract)."""
+    action_stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    """(low, high) of the dataset statistics the adapter de-normalises action dims 0..len(low)-1 with
+    (a = 0.5 (x + 1)(high - low) + low; LIBERO: OpenVLA's q01 / q99 of the suite), for policies trained on
+    such data to check theirs against; None: the env's own units, no dataset behind them (tabletop2d)."""
 
     @property
     def num_tasks(self) -> int:

@@ -297,7 +297,15 @@ def libero_spec(family: str, image_size: int = 128, wrist_camera: bool = False, 
     return EnvSpec(name=family, instructions=instructions, image_size=image_size,
                    cameras=("image", "wrist") if wrist_camera else ("image",),
                    proprio_dim=9 if opts.proprio == "quat" else 8,
-                   max_episode_steps=opts.max_episode_steps or SUITES[family])
+                   max_episode_steps=opts.max_episode_steps or SUITES[family],
+                   action_stats=OPENVLA_ACTION_STATS[_action_stats_name(family, opts)])
+
+
+def _action_stats_name(family: str, opts: LiberoOptions) -> str:
+    """The OPENVLA_ACTION_STATS entry that de-normalises dims 0-5 (LiberoOptions.action_stats)."""
+    if opts.action_stats == "auto":
+        return family if family in OPENVLA_ACTION_STATS else "identity"
+    return opts.action_stats
 
 
 # --- init states, textures, MuJoCo's asset cache --------------------------------------------------------
@@ -609,10 +617,7 @@ class LiberoEnv(TaskEnv):
         self.suite = family
         self.only_task = only_task
         self.task_names = _suite_task_names(family)
-        stats = self.opts.action_stats
-        if stats == "auto":
-            stats = family if family in OPENVLA_ACTION_STATS else "identity"
-        self.action_stats = stats
+        self.action_stats = stats = _action_stats_name(family, self.opts)
         q01, q99 = (np.array(v, dtype=np.float64) for v in OPENVLA_ACTION_STATS[stats])
         self._action_scale, self._action_offset = 0.5 * (q99 - q01), 0.5 * (q99 + q01)
         self.env_steps = 0

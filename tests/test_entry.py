@@ -73,15 +73,18 @@ def test_sigint_stops_every_process_within_10_s_and_frees_shared_memory(tmp_path
     run_dir = tmp_path / "sigint"
     proc = subprocess.Popen(accerl(run_dir, "--total-env-steps", "10000000"), cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []  # read from the start, so a full pipe never stalls the run
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
     try:
         wait_for(lambda: len(children_of(proc.pid)) >= 5, 60, proc)
         kids = children_of(proc.pid)
         # The 10 s promise is about a running run: wait until every role has reported ready (a loaded machine
         # can take longer than that just to import torch in five processes), then let it train a little.
-        lines: list[str] = []
-        reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-        reader.start()
-        wait_for(lambda: sum(" ready (pid " in line for line in list(lines)) >= 5, 120, proc)
+        try:
+            wait_for(lambda: sum(" ready (pid " in line for line in list(lines)) >= 5, 120, proc)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; the run's output:\n{''.join(lines)[-3000:]}") from None
         time.sleep(5)
         start = time.time()
         proc.send_signal(signal.SIGINT)

@@ -679,3 +679,165 @@ def test_make_policy_builds_the_oft_backend(mini):
                                       chunk_len=CHUNK, action_dim=DIM, lora_rank=4))
     assert isinstance(policy, OpenVLAOFTPolicy) and policy.cfg.trainable == "lora" and policy.cfg.lora_rank == 4
     assert policy.cfg.chunk_len == CHUNK and policy.cfg.num_action_slots == CHUNK * DIM
+
+
+# ---------------------------------------------------------------------------------------------------------
+# accerl.py running the backend (--policy.backend openvla-oft) on tabletop2d
+# ---------------------------------------------------------------------------------------------------------
+
+TABLETOP_PROPRIO = 3      # tabletop2d's [x, y, gripper]
+
+
+@pytest.fixture(scope="module")
+def mini_tabletop(mini, tmp_path_factory):
+    """The miniature with a proprio projector and proprio statistics for tabletop2d's 3-D state (the LIBERO ones
+    take OFT's 8-D state; accerl refuses a mismatch)."""
+    import shutil
+
+    directory, _ = mini
+    copy = tmp_path_factory.mktemp("oft_tabletop") / "accerl_mini_openvla_oft_tabletop2d"
+    shutil.copytree(directory, copy)
+    torch.manual_seed(1)
+    projector = ProprioProjector(HIDDEN, TABLETOP_PROPRIO)
+    (copy / "proprio_projector--100_checkpoint.pt").unlink()
+    torch.save({f"module.{k}": v for k, v in projector.state_dict().items()},
+               copy / "proprio_projector--200_checkpoint.pt")
+    stats = json.loads((copy / "dataset_statistics.json").read_text())
+    stats["libero_spatial_no_noops"]["proprio"] = {"q01": [0.0] * 3, "q99": [1.0] * 3, "mask": [True] * 3}
+    (copy / "dataset_statistics.json").write_text(json.dumps(stats))
+    return copy
+
+
+def oft_args(run_dir, policy_checkpoint, **overrides):
+    """A tiny serial accerl run of the OFT backend on tabletop2d; overrides by field name, the first group that has
+    it (experiment, policy, env, workers, algorithm: `checkpoint` is --eval-only's)."""
+    from accerl import Args, ExperimentArgs, WorkersArgs, derive_and_check
+    from vla_policy import PolicyConfig
+
+    args = Args(experiment=ExperimentArgs(mode="serial", total_env_steps=300, run_dir=str(run_dir), log_every_s=1e9,
+                                          checkpoint_every_updates=0),
+                policy=PolicyConfig(backend="openvla-oft", checkpoint=str(policy_checkpoint), trust_remote_code=True,
+                                    image_size=32),
+                workers=WorkersArgs(num_env_workers=1, envs_per_worker=2, segment_len=8, segments_per_update=2,
+                                    eval_every_updates=0, final_eval_episodes=2, eval_episodes_per_task=1))
+    for name, value in overrides.items():
+        group = next(g for g in (args.experiment, args.policy, args.env, args.workers, args.algorithm)
+                     if hasattr(g, name))
+        setattr(group, name, value)
+    return derive_and_check(args)
+
+
+def run_in_process(args):
+    from accerl import Run
+
+    run = Run(args)
+    return run, run.run()  # serial: every role stepped in this process
+
+
+def test_accerl_serial_entry_script_trains_the_oft_checkpoint(mini_tabletop, tmp_path):
+    """`python accerl.py --mode serial --policy.backend openvla-oft ...` end to end: it trains (updates > 0),
+    evaluates and writes summary.json; checkpoints hold the trainable tensors only. (The miniature's remote code
+    imports timm: a stub package at the GPU image's version, as the `fake_timm` fixture.)"""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    import checkpoint as ckpt
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "stub" / "timm").mkdir(parents=True)
+    (tmp_path / "stub" / "timm" / "__init__.py").write_text('__version__ = "1.0.29"\n')
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path / "stub"),
+                                                                     os.environ.get("PYTHONPATH")])))
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, str(root / "accerl.py"), "--mode", "serial", "--run-dir", str(run_dir),
+           "--policy.backend", "openvla-oft", "--policy.checkpoint", str(mini_tabletop), "--policy.trust-remote-code",
+           "--policy.image-size", "32", "--num-env-workers", "1", "--envs-per-worker", "2", "--segment-len", "8",
+           "--segments-per-update", "2", "--total-env-steps", "300", "--eval-every-updates", "0",
+           "--final-eval-episodes", "2", "--log-every-s", "1000"]
+    result = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["exit_code"] == 0 and summary["updates"] >= 2 and summary["global_env_step"] >= 300
+    assert summary["final_eval"]["episodes"] == 2
+    # the instruction buffer was widened to the longest OFT prompt of tabletop2d's instructions
+    from envs import env_spec
+    from openvla_oft import OFTPromptTokenizer
+
+    tok = OFTPromptTokenizer.load(str(mini_tabletop))
+    longest = max(tok.num_tokens(text) for text in env_spec("tabletop2d", 32).instructions)
+    assert json.loads((run_dir / "args.json").read_text())["policy"]["max_instruction_tokens"] == longest > 32
+    model, _, _, meta = ckpt.load_checkpoint(ckpt.resolve_checkpoint(str(run_dir)))
+    assert meta["update"] == summary["updates"]
+    assert model and all(".lora_" in n or not n.startswith("model.") for n in model)  # no frozen base weight
+    assert "log_std" in model and any(n.startswith("proprio_projector.") for n in model)
+
+
+def test_accerl_wiring_of_the_oft_backend(mini_tabletop, tmp_path):
+    """In-process serial runs: env workers encode with the checkpoint's prompt tokenizer, the env receives the
+    policy's [-1, 1] actions (gripper 1 - 2x, not de-normalised), weight sync carries only the trainable tensors,
+    resume and --eval-only need the remote-code consent again and continue from the trainable-only checkpoint."""
+    from accerl import Run
+
+    args = oft_args(tmp_path / "run", mini_tabletop)
+    run, code = run_in_process(args)
+    assert code == 0
+    summary = json.loads((run.run_dir / "summary.json").read_text())
+    assert summary["updates"] >= 1
+    policy = OpenVLAOFTPolicy.load(str(mini_tabletop), trust_remote_code=True, dtype="float32")
+    assert policy.head == "regression" and policy.proprio_dim == TABLETOP_PROPRIO
+    # weight sync: the broadcast's layout is the trainable tensors, nothing of the frozen base
+    trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+    assert set(run.shared.weights.names) == trainable
+    assert sum(t.numel() for t in run.shared.weights.tensors.values()) < 0.5 * policy.num_parameters()
+
+    storage, spec = run.shared.storage, run.spec
+    acted = storage.env_steps > 0                                           # rows whose chunk the env executed
+    acted[run.first_eval_segment:] = False
+    assert acted.sum() > 10
+    # instruction tokens: the checkpoint's OpenVLA prompt of the row's task
+    prompts = policy.tokenizer.encode(list(spec.instructions), args.policy.max_instruction_tokens)
+    assert torch.equal(storage.instruction[acted], prompts[storage.task_id[acted]])
+    assert policy.tokenizer.decode(storage.instruction[acted][0]).startswith("In: What action should the robot take to")
+    assert storage.proprio[acted].abs().sum() > 0
+    # actions: sampled bin centres of [-1, 1] for dims 0-5 (the env de-normalises), gripper x -> 1 - 2x
+    centres = (storage.action_tokens[acted].double() + 0.5) / 128 - 1
+    actions = storage.actions[acted].double()
+    torch.testing.assert_close(actions[..., :6], centres[..., :6], atol=1e-6, rtol=0)
+    torch.testing.assert_close(actions[..., 6], 1 - 2 * centres[..., 6], atol=1e-6, rtol=0)
+
+    # --resume and --eval-only: the policy comes from the run, the consent to run its code from this command line
+    with pytest.raises(SystemExit, match="trust-remote-code"):
+        Run(oft_args(tmp_path / "ignored", mini_tabletop, resume=str(run.run_dir), trust_remote_code=False))
+    resumed, code = run_in_process(oft_args(tmp_path / "ignored", mini_tabletop, resume=str(run.run_dir),
+                                            total_env_steps=600, final_eval_episodes=0))
+    assert code == 0
+    assert json.loads((run.run_dir / "summary.json").read_text())["updates"] > summary["updates"]
+    evaluated, code = run_in_process(oft_args(tmp_path / "eval", mini_tabletop, eval_only=True,
+                                              checkpoint=str(run.run_dir)))
+    assert code == 0 and evaluated.final_eval["episodes"] == spec.num_tasks
+
+
+def test_accerl_refuses_bad_oft_combinations(mini, mini_tabletop, tmp_path):
+    """Clear errors before anything runs: no checkpoint, no consent to run its code, a proprio projector of
+    another robot state, action statistics other than those the env de-normalises with."""
+    from accerl import Run
+
+    directory, _ = mini
+    with pytest.raises(SystemExit, match="no such directory"):
+        oft_args(tmp_path / "a", tmp_path / "missing")
+    with pytest.raises(SystemExit, match="not a checkpoint directory"):
+        oft_args(tmp_path / "a", tmp_path)
+    with pytest.raises(SystemExit, match="trust-remote-code"):
+        oft_args(tmp_path / "a", mini_tabletop, trust_remote_code=False)
+    with pytest.raises(SystemExit, match="8-D proprio.*3-D"):  # LIBERO's 8-D projector on tabletop2d
+        Run(oft_args(tmp_path / "a", directory)).build(serial=True)
+    try:
+        from envs import env_spec
+
+        env_spec("libero_spatial", 32)
+    except Exception:  # the LIBERO stack is not installed (tests/libero_stack.py)
+        return
+    # the miniature's statistics are libero_spatial's rounded: the env would scale every action wrongly
+    with pytest.raises(SystemExit, match="action statistics"):
+        oft_args(tmp_path / "a", directory, task="libero_spatial")

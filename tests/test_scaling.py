@@ -75,10 +75,13 @@ def _train_once(rank: int, args: Args, run: dict, port: int | None, out: str) ->
 
 def test_data_parallel_update_equals_the_single_learner_update(tmp_path):
     """M = 2 ranks on gloo, each on its share of a super batch, give the weights, gradients and losses that one
-    learner gets on the whole of it (global advantage statistics, global loss normalisers, DDP all-reduce).
+    learner gets on the whole of it (global advantage statistics, global loss normalisers, DDP all-reduce), also
+    when they accumulate gradients over micro-batches (--micro-batch-size, DDP's no_sync until the last).
     The shares differ in size, as when imagined segments join the real ones."""
     one = tiny_args(tmp_path, mode="async", segments_per_update=4, bf16=False)
-    two = replace(one, workers=replace(one.workers, num_learners=2))
+    # the two ranks also accumulate gradients over micro-batches of 5 rows: the same update again
+    two = replace(one, workers=replace(one.workers, num_learners=2),
+                  algorithm=replace(one.algorithm, micro_batch_size=5))
     run = Run(one)
     run.build(serial=False)  # shared memory, which the learner processes map
     ctx = mp.get_context("spawn")
