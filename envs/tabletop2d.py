@@ -53,8 +53,10 @@ class Tabletop2DOptions:
     """Task options; `tabletop2d_spec` and `Tabletop2D` accept exactly these as keyword arguments."""
 
     layout: str = "slots"
-    """"slots": objects near the four corners in a random permutation (+-`slot_jitter`); "free":
-    uniform on the table with a minimum separation (a harder vision problem)."""
+    """"slots": objects near the four corners in a random permutation (+-`slot_jitter`); "fixed": object k
+    always near corner k (+-`slot_jitter`; the instruction alone gives the direction, the image the exact
+    place: an easier variant, see benchmarks/rl_probe.py); "free": uniform on the table with a minimum
+    separation (a harder vision problem)."""
     object_radius: float = 0.13
     """Half-size of a drawn object (world units; the table is 2 wide)."""
     slot_jitter: float = 0.12
@@ -79,8 +81,8 @@ class Tabletop2DOptions:
     """Fault injection: raise in the constructor (an env that cannot be built stops the run)."""
 
     def __post_init__(self):
-        if self.layout not in ("slots", "free"):
-            raise ValueError(f"tabletop2d layout={self.layout!r}: use 'slots' or 'free'")
+        if self.layout not in ("slots", "fixed", "free"):
+            raise ValueError(f"tabletop2d layout={self.layout!r}: use 'slots', 'fixed' or 'free'")
         if self.step_cost_kind not in ("sleep", "spin"):
             raise ValueError(f"tabletop2d step_cost_kind={self.step_cost_kind!r}: use 'sleep' or 'spin'")
         for name in ("max_delta", "success_radius", "max_episode_steps"):
@@ -211,9 +213,10 @@ class Tabletop2D(TaskEnv):
         return self._observe()
 
     def _sample_layout(self) -> np.ndarray:
-        if self.opts.layout == "slots":
+        if self.opts.layout in ("slots", "fixed"):
             jitter = self.rng.uniform(-self.opts.slot_jitter, self.opts.slot_jitter, (len(OBJECTS), 2))
-            return SLOTS[self.rng.permutation(len(OBJECTS))] + jitter
+            order = self.rng.permutation(len(OBJECTS))
+            return (SLOTS[order] if self.opts.layout == "slots" else SLOTS) + jitter
         # "free": rejection sampling; objects keep apart (no ambiguous grasps) and away from the EE start
         # (no free successes). With 4 objects on this table it accepts within a few tries.
         limit, min_separation = 1 - self.opts.object_radius - 0.05, 2 * self.opts.success_radius + 0.1

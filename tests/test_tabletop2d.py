@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from envs import env_spec, make_env
-from envs.tabletop2d import EE_COLOUR, INSTRUCTIONS, Tabletop2D, expert_chunk
+from envs.tabletop2d import EE_COLOUR, INSTRUCTIONS, SLOTS, Tabletop2D, expert_chunk
 
 OPEN, CLOSE = -1.0, 1.0
 
@@ -208,14 +208,20 @@ def test_image_is_upright_and_shows_the_end_effector():
 
 
 def test_layouts_keep_objects_apart_and_on_the_table():
-    for layout in ("slots", "free"):
-        env = Tabletop2D(seed=15, layout=layout)
+    for layout, jitter in (("slots", 0.12), ("fixed", 0.2), ("free", 0.12)):
+        env = Tabletop2D(seed=15, layout=layout, slot_jitter=jitter)
+        corners = set()
         for _ in range(50):
             env.reset()
             xy = env.object_xy
             gaps = np.linalg.norm(xy[:, None] - xy[None], axis=-1)[np.triu_indices(4, 1)]
             assert gaps.min() > 2 * env.opts.success_radius and np.abs(xy).max() < 0.9
             assert np.linalg.norm(xy - env.ee_xy, axis=-1).min() > env.opts.success_radius
+            corners.add(tuple(np.sign(xy[0])))  # where object 0 (the red block) is
+        if layout == "fixed":  # object k near slot k, every episode, with jitter
+            assert corners == {tuple(np.sign(SLOTS[0]))} and np.abs(xy - SLOTS).max() <= jitter
+        if layout == "slots":
+            assert len(corners) == 4
 
 
 def test_only_task_pins_the_task():

@@ -1,0 +1,203 @@
+"""Can the per-token RL update learn tabletop2d at all, and which part is hard? A probe outside the pipeline.
+
+    python benchmarks/rl_probe.py --obs relative --num-minibatches 16     # privileged: target - EE given
+    python benchmarks/rl_probe.py --obs objects --ent-coef 0.01           # privileged: every object + task
+    python benchmarks/rl_probe.py --obs pixels                            # a small CNN on the 128 px image
+
+One process, synchronous PPO-style loop: `--num-envs` tabletop2d envs step `--segment-len` chunks per update
+(one chunk = 8 actions), then `--update-epochs` x `--num-minibatches` optimiser steps on the batch. The
+policy head is the default VLA's: 256 bins per action dimension through the "smooth" basis, one token per
+(chunk step, used dimension), and the objective, GAE and token masking are accerl.py's own functions
+(`policy_objective`, `compute_gae`, chunk steps after an episode's end left out). What changes is the input:
+
+  relative  [target - EE, EE, task one-hot]: the direction to go is in the input (no perception, no grounding)
+  objects   [all 4 object positions, EE, task one-hot]: the policy must pick the instructed object (grounding)
+  pixels    the rendered image + task one-hot through a 3-layer CNN (perception and grounding)
+
+Every `--eval-every` updates: training success over the last 200 episodes, mean token entropy of the used
+dimensions, greedy success on `--eval-episodes` fixed-seed episodes. Results: docs/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from accerl import AlgorithmArgs, compute_gae, policy_objective  # noqa: E402
+from envs.tabletop2d import Tabletop2D  # noqa: E402
+from vla_policy import tokens_to_actions  # noqa: E402
+
+USED_DIMS = (0, 1, 6)  # the action dims tabletop2d reads: x, y, gripper
+NUM_TASKS = 4
+
+
+class SmoothBinHead(nn.Module):
+    """hidden -> (chunk, used dims, bins) logits through Gaussian bumps over the bin centres, as VLAPolicy's
+    "smooth" head; initial logits near 0 (a near-uniform policy)."""
+
+    def __init__(self, hidden: int, chunk_len: int, num_bins: int, basis: int = 24, init_scale: float = 0.01):
+        super().__init__()
+        self.shape = (chunk_len, len(USED_DIMS), basis)
+        self.linear = nn.Linear(hidden, math.prod(self.shape))
+        nn.init.normal_(self.linear.weight, std=init_scale / math.sqrt(hidden))
+        nn.init.zeros_(self.linear.bias)
+        centres = tokens_to_actions(torch.arange(num_bins), num_bins)
+        means, width = torch.linspace(-1, 1, basis), 2 / (basis - 1)
+        self.register_buffer("basis", torch.exp(-0.5 * ((centres[:, None] - means[None]) / width) ** 2))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.linear(h).view(-1, *self.shape) @ self.basis.T
+
+
+class ProbePolicy(nn.Module):
+    def __init__(self, obs: str, obs_dim: int, image_size: int, chunk_len: int, num_bins: int):
+        super().__init__()
+        self.obs, self.image_size = obs, image_size
+        if obs == "pixels":
+            self.cnn = nn.Sequential(nn.Conv2d(3, 32, 8, 4), nn.ReLU(), nn.Conv2d(32, 64, 4, 2), nn.ReLU(),
+                                     nn.Conv2d(64, 64, 3, 1), nn.ReLU(), nn.Flatten())
+            features = self.cnn(torch.zeros(1, 3, image_size, image_size)).shape[1] + NUM_TASKS
+            self.trunk = nn.Sequential(nn.Linear(features, 256), nn.ReLU())
+        else:
+            self.trunk = nn.Sequential(nn.Linear(obs_dim, 128), nn.Tanh(), nn.Linear(128, 256), nn.Tanh())
+        self.head = SmoothBinHead(256, chunk_len, num_bins)
+        self.value = nn.Linear(256, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.obs == "pixels":
+            pixels = x[:, :-NUM_TASKS].view(-1, self.image_size, self.image_size, 3).permute(0, 3, 1, 2) / 255
+            x = torch.cat([self.cnn(pixels), x[:, -NUM_TASKS:]], 1)
+        h = self.trunk(x)
+        return self.head(h), self.value(h).squeeze(-1)
+
+
+def observe(env: Tabletop2D, obs: str) -> np.ndarray:
+    task = np.eye(NUM_TASKS)[env.task_id]
+    if obs == "relative":
+        return np.concatenate([env.target_xy - env.ee_xy, env.ee_xy, task]).astype(np.float32)
+    if obs == "objects":
+        return np.concatenate([env.object_xy.reshape(-1), env.ee_xy, task]).astype(np.float32)
+    return np.concatenate([env._observe()["image"].reshape(-1), task]).astype(np.float32)
+
+
+def to_env_actions(tokens: torch.Tensor, num_bins: int) -> np.ndarray:
+    """(chunk, used dims) bins -> (chunk, 7) env actions; unused dims 0."""
+    actions = np.zeros((tokens.shape[0], 7))
+    actions[:, USED_DIMS] = tokens_to_actions(tokens, num_bins).numpy()
+    return actions
+
+
+def greedy_success(policy: ProbePolicy, args, make) -> float:
+    successes = 0
+    for i in range(args.eval_episodes):
+        env = make(10**6 + i)
+        env.reset()
+        done = False
+        while not done:
+            with torch.no_grad():
+                logits, _ = policy(torch.from_numpy(observe(env, args.obs))[None])
+            _, _, terminated, truncated, _ = env.step_chunk(to_env_actions(logits[0].argmax(-1), args.num_bins))
+            done = terminated or truncated
+        successes += terminated
+    return successes / args.eval_episodes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--obs", default="relative", choices=["relative", "objects", "pixels"])
+    parser.add_argument("--env-options", default="{}", help='tabletop2d options as JSON, e.g. \'{"layout": "fixed"}\'')
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--num-envs", type=int, default=16)
+    parser.add_argument("--segment-len", type=int, default=16, help="chunk steps per env per update")
+    parser.add_argument("--updates", type=int, default=100)
+    parser.add_argument("--update-epochs", type=int, default=1)
+    parser.add_argument("--num-minibatches", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--ent-coef", type=float, default=0.0)
+    parser.add_argument("--loss", default="gipo", choices=["gipo", "ppo-clip", "sapo", "no-clip"])
+    parser.add_argument("--chunk-len", type=int, default=8)
+    parser.add_argument("--num-bins", type=int, default=256)
+    parser.add_argument("--eval-every", type=int, default=10)
+    parser.add_argument("--eval-episodes", type=int, default=40)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    import json
+
+    options = json.loads(args.env_options)
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(1)
+
+    def make(seed: int) -> Tabletop2D:
+        return Tabletop2D(image_size=args.image_size, seed=seed, **options)
+
+    envs = [make(args.seed * 1000 + i) for i in range(args.num_envs)]
+    for env in envs:
+        env.reset()
+    obs_dim = observe(envs[0], args.obs).shape[0]
+    policy = ProbePolicy(args.obs, obs_dim, args.image_size, args.chunk_len, args.num_bins)
+    optimizer = torch.optim.Adam(policy.parameters(), args.lr)
+    algo = AlgorithmArgs(loss=args.loss)
+    N, T, K, D = args.num_envs, args.segment_len, args.chunk_len, len(USED_DIMS)
+    start, env_steps, outcomes = time.time(), 0, []
+    print(f"# rl_probe {vars(args)}", flush=True)
+    for update in range(1, args.updates + 1):
+        obs = torch.zeros(N, T, obs_dim)
+        tokens = torch.zeros(N, T, K, D, dtype=torch.long)
+        behaviour_logp = torch.zeros(N, T, K, D)
+        rewards, values, trunc_values = torch.zeros(N, T), torch.zeros(N, T), torch.zeros(N, T)
+        terminated, truncated = torch.zeros(N, T, dtype=torch.bool), torch.zeros(N, T, dtype=torch.bool)
+        steps_run = torch.zeros(N, T, dtype=torch.long)
+        for t in range(T):
+            x = torch.from_numpy(np.stack([observe(env, args.obs) for env in envs]))
+            with torch.no_grad():
+                logits, value = policy(x)
+                log_probs = logits.log_softmax(-1)
+                sampled = torch.distributions.Categorical(logits=log_probs).sample()
+            obs[:, t], tokens[:, t], values[:, t] = x, sampled, value
+            behaviour_logp[:, t] = log_probs.gather(-1, sampled[..., None])[..., 0]
+            for i, env in enumerate(envs):
+                _, reward, term, trunc, info = env.step_chunk(to_env_actions(sampled[i], args.num_bins))
+                env_steps += info["env_steps"]
+                rewards[i, t], terminated[i, t], truncated[i, t], steps_run[i, t] = reward, term, trunc, info["env_steps"]
+                if trunc:  # the time limit is not part of the task: bootstrap from the final state
+                    with torch.no_grad():
+                        trunc_values[i, t] = policy(torch.from_numpy(observe(env, args.obs))[None])[1][0]
+                if term or trunc:
+                    outcomes.append(float(term))
+                    env.reset()
+        with torch.no_grad():
+            bootstrap = policy(torch.from_numpy(np.stack([observe(env, args.obs) for env in envs])))[1]
+        advantages, returns = compute_gae(rewards, values, bootstrap, terminated, truncated, trunc_values, 0.99, 0.95)
+        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+        ran = (torch.arange(K)[None, None] < steps_run[..., None]).float()[..., None].expand(-1, -1, K, D)
+        flat = [z.reshape(N * T, *z.shape[2:]) for z in (obs, tokens, behaviour_logp, advantages, returns, ran)]
+        for _ in range(args.update_epochs):
+            for idx in torch.randperm(N * T).chunk(args.num_minibatches):
+                x, tok, old_logp, adv, ret, mask = (z[idx] for z in flat)
+                logits, value = policy(x)
+                log_probs = logits.log_softmax(-1)
+                logp = log_probs.gather(-1, tok[..., None])[..., 0]
+                per_token, _ = policy_objective(args.loss, logp, old_logp, adv[:, None, None], algo)
+                entropy = (-(log_probs.exp() * log_probs).sum(-1) * mask).sum() / mask.sum()
+                loss = (per_token * mask).sum() / mask.sum() + 0.5 * (value - ret).square().mean() \
+                    - args.ent_coef * entropy
+                optimizer.zero_grad()
+                loss.backward()
+                nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+                optimizer.step()
+        if update % args.eval_every == 0 or update == args.updates:
+            print(f"update {update} env_steps {env_steps} wall_s {time.time() - start:.0f} train_success "
+                  f"{np.mean(outcomes[-200:]):.2f} entropy {entropy.item():.2f} greedy_success "
+                  f"{greedy_success(policy, args, make):.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
