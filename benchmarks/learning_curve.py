@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -51,6 +52,7 @@ def main() -> None:
             print(f"{label}: never reached {args.threshold}; best {max(p['success'] for p in curve):.2f}")
         ax_steps.plot([p["env_steps"] for p in curve], [p["success"] for p in curve], marker="o", ms=3, label=label)
         ax_wall.plot([p["wall_s"] / 60 for p in curve], [p["success"] for p in curve], marker="o", ms=3, label=label)
+    ax_steps.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1000:.0f}k"))
     for ax, xlabel in ((ax_steps, "env steps"), (ax_wall, "wall clock (min)")):
         ax.axhline(args.threshold, color="grey", ls="--", lw=0.8)
         ax.set_xlabel(xlabel)
