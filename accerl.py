@@ -1676,7 +1676,7 @@ class Learner:
                           n_tokens: torch.Tensor, n_samples: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """(policy, value, KL, entropy, total) loss terms of these rows, as sums over the rows divided by the
         minibatch's token and sample counts, and the trust diagnostics."""
-        args, dev, algo = self.args, self.device, self.args.algorithm
+        dev, algo = self.device, self.args.algorithm
         with self.accelerator.autocast():
             out = self.evaluate(mb["images"].to(dev), mb["instruction"].to(dev), mb["action_tokens"].to(dev),
                                 **proprio_input(self.proprio_dim, mb["proprio"], dev))

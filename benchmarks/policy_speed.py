@@ -24,6 +24,7 @@ import torch
 import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from preset_speed import learner_step, synthetic_rollout  # noqa: E402  (argparse only, no tyro)
 from vla_policy import PolicyConfig, VLAPolicy, policy_autocast  # noqa: E402
 
 
@@ -71,26 +72,16 @@ def time_inference(policy: VLAPolicy, batch: int, seconds: float, bf16: bool) ->
 
 def time_training(policy: VLAPolicy, batch: int, steps: int, bf16: bool) -> tuple[float, float]:
     """Seconds per learner step (wall, CPU): evaluate + a policy-gradient + value + KL loss, backward, AdamW."""
-    cfg = policy.cfg
-    images, tokens = random_inputs(cfg, batch, torch.Generator().manual_seed(0))
-    actions = torch.randint(0, cfg.num_bins, (batch, cfg.chunk_len, cfg.action_dim))
-    advantages, returns = torch.randn(batch), torch.randn(batch)
-    behaviour = torch.randn(batch, cfg.chunk_len, cfg.action_dim, cfg.num_bins).log_softmax(-1)
+    images, tokens = random_inputs(policy.cfg, batch, torch.Generator().manual_seed(0))
+    rollout = synthetic_rollout(policy.cfg, batch)
     optimiser = torch.optim.AdamW([{"params": policy.policy_parameters(), "lr": 1e-4},
                                    {"params": policy.value_parameters(), "lr": 1e-4}])
+    params = list(policy.parameters())
     policy.train()
     durations, cpu_durations = [], []
     for step in range(steps + 1):
         start, cpu_start = time.perf_counter(), time.process_time()
-        with policy_autocast("cpu", cpu_bf16=bf16):
-            out = policy.evaluate(images, tokens, actions)
-        ratio = (out["logp"] - out["logp"].detach()).exp()
-        kl = (behaviour.exp() * (behaviour - out["log_probs"])).sum(-1).mean()
-        loss = -(ratio * advantages[:, None, None]).mean() + 0.5 * (out["value"] - returns).pow(2).mean() + 0.1 * kl
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-        optimiser.step()
+        learner_step(policy, images, tokens, rollout, optimiser, params, policy_autocast("cpu", cpu_bf16=bf16))
         if step:  # the first step allocates AdamW state
             durations.append(time.perf_counter() - start)
             cpu_durations.append(time.process_time() - cpu_start)

@@ -96,15 +96,35 @@ def time_inference(policy: VLAPolicy, batch: int, seconds: float, bf16: bool,
     return calls * batch / (time.perf_counter() - start), calls * batch / (time.process_time() - cpu_start)
 
 
+def synthetic_rollout(cfg: PolicyConfig, batch: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Random stored actions, advantages, returns and behaviour log-probs for a learner step on `batch` rows."""
+    return {"actions": torch.randint(0, cfg.num_bins, (batch, cfg.chunk_len, cfg.action_dim), device=device),
+            "advantages": torch.randn(batch, device=device), "returns": torch.randn(batch, device=device),
+            "behaviour": torch.randn(batch, cfg.chunk_len, cfg.action_dim, cfg.num_bins, device=device).log_softmax(-1)}
+
+
+def learner_step(policy: VLAPolicy, images: torch.Tensor, tokens: torch.Tensor, rollout: dict[str, torch.Tensor],
+                 optimiser: torch.optim.Optimizer, params: list[torch.Tensor], precision) -> None:
+    """What accerl.py's Learner does per minibatch, in cost: evaluate under `precision` (an autocast context) +
+    a policy-gradient, value and KL loss + backward + gradient clipping + the optimiser step."""
+    with precision:
+        out = policy.evaluate(images, tokens, rollout["actions"])
+    behaviour = rollout["behaviour"]
+    ratio = (out["logp"] - out["logp"].detach()).exp()
+    kl = (behaviour.exp() * (behaviour - out["log_probs"])).sum(-1).mean()
+    loss = (-(ratio * rollout["advantages"][:, None, None]).mean()
+            + 0.5 * (out["value"] - rollout["returns"]).pow(2).mean() + 0.1 * kl)
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimiser.step()
+
+
 def time_learner(policy: VLAPolicy, batch: int, steps: int, bf16: bool,
                  device: torch.device) -> tuple[float, float]:
-    """Samples per second (wall, CPU time) of one learner update: evaluate + policy-gradient, value and KL terms + backward +
-    clip + AdamW (what accerl.py's Learner does per minibatch), after two warm-up steps."""
-    cfg = policy.cfg
-    images, tokens = random_inputs(cfg, batch, device)
-    actions = torch.randint(0, cfg.num_bins, (batch, cfg.chunk_len, cfg.action_dim), device=device)
-    advantages, returns = torch.randn(batch, device=device), torch.randn(batch, device=device)
-    behaviour = torch.randn(batch, cfg.chunk_len, cfg.action_dim, cfg.num_bins, device=device).log_softmax(-1)
+    """Samples per second (wall, CPU time) of one learner update (`learner_step`), after two warm-up steps."""
+    images, tokens = random_inputs(policy.cfg, batch, device)
+    rollout = synthetic_rollout(policy.cfg, batch, device)
     optimiser = torch.optim.AdamW([{"params": policy.policy_parameters(), "lr": 1e-5},
                                    {"params": policy.value_parameters(), "lr": 1e-4}], weight_decay=0.0)
     trainable = [p for p in policy.parameters() if p.requires_grad]
@@ -113,15 +133,7 @@ def time_learner(policy: VLAPolicy, batch: int, steps: int, bf16: bool,
         if step == 2:
             sync(device)
             start, cpu_start = time.perf_counter(), time.process_time()
-        with autocast(device, bf16):
-            out = policy.evaluate(images, tokens, actions)
-        ratio = (out["logp"] - out["logp"].detach()).exp()
-        kl = (behaviour.exp() * (behaviour - out["log_probs"])).sum(-1).mean()
-        loss = -(ratio * advantages[:, None, None]).mean() + 0.5 * (out["value"] - returns).pow(2).mean() + 0.1 * kl
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimiser.step()
+        learner_step(policy, images, tokens, rollout, optimiser, trainable, autocast(device, bf16))
     sync(device)
     elapsed, cpu_elapsed = time.perf_counter() - start, time.process_time() - cpu_start
     policy.eval()

@@ -21,6 +21,7 @@ dimensions, greedy success on `--eval-episodes` fixed-seed episodes. Results: do
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -129,8 +130,6 @@ def main() -> None:
     parser.add_argument("--eval-episodes", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    import json
-
     options = json.loads(args.env_options)
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)
