@@ -89,7 +89,8 @@ class ExperimentArgs:
     """Start from a saved policy (a directory written by `VLAPolicy.save`, e.g. sft.py's `<run>/policy`): its
     architecture and weights, with a fresh optimiser and counters (supervised warm start, then RL)."""
     eval_only: bool = False
-    """Only evaluate --checkpoint greedily (every task x --eval-episodes-per-task) and write a table."""
+    """Only evaluate --checkpoint (or a saved policy given by --init-policy, e.g. an SFT result) greedily (every
+    task x --eval-episodes-per-task) and write a table."""
     checkpoint: str | None = None
     """Checkpoint (or run directory) whose policy --eval-only evaluates."""
     mode: Literal["async", "sync", "serial"] = "async"
@@ -292,15 +293,17 @@ def derive_and_check(args: Args) -> Args:
         problems.append("--segment-len must be >= 2")
     if args.workers.segments_per_update < 1:
         problems.append("--segments-per-update must be >= 1")
-    if args.experiment.eval_only and not args.experiment.checkpoint:
-        problems.append("--eval-only needs --checkpoint DIR (a run directory or a checkpoint)")
+    if args.experiment.eval_only and not (args.experiment.checkpoint or args.experiment.init_policy):
+        problems.append("--eval-only needs --checkpoint DIR (a run directory or a checkpoint) or --init-policy DIR "
+                        "(a saved policy)")
+    if args.experiment.eval_only and args.experiment.checkpoint and args.experiment.init_policy:
+        problems.append("--eval-only evaluates one policy: pass --checkpoint or --init-policy, not both")
     if args.experiment.eval_only and args.workers.num_eval_workers < 1:
         problems.append("--eval-only needs --num-eval-workers >= 1")
     if args.experiment.resume and args.experiment.eval_only:
         problems.append("--resume and --eval-only exclude each other")
-    if args.experiment.init_policy and (args.experiment.resume or args.experiment.eval_only):
-        problems.append("--init-policy starts a new training run: drop --resume / --eval-only (a resumed run "
-                        "keeps its own weights; --eval-only reads --checkpoint)")
+    if args.experiment.init_policy and args.experiment.resume:
+        problems.append("--init-policy starts a new training run: drop --resume (a resumed run keeps its own weights)")
     if args.algorithm.gipo_sigma <= 0:
         problems.append("--gipo-sigma must be > 0")
     if args.algorithm.micro_batch_size < 0:
@@ -1792,8 +1795,8 @@ class Run:
         self.learner_devices, self.inference_devices = resolve_devices(args)
         self.resume_from = ckpt.resolve_checkpoint(args.experiment.resume) if args.experiment.resume else None
         self.resume_meta = json.loads((self.resume_from / "meta.json").read_text()) if self.resume_from else None
-        source = self.resume_from or (
-            ckpt.resolve_checkpoint(args.experiment.checkpoint) if args.experiment.eval_only else None)
+        source = self.resume_from or (ckpt.resolve_checkpoint(args.experiment.checkpoint)
+                                      if args.experiment.eval_only and args.experiment.checkpoint else None)
         if source is not None:  # the policy's architecture is the checkpoint's, whatever the flags say
             saved = json.loads((source / "meta.json").read_text())["args"]["policy"]
             # ... except the consent to run a checkpoint's own code: this command line's, never a saved one
@@ -1988,8 +1991,22 @@ class Run:
         return self._run_processes(builders)
 
     def _publish_checkpoint_weights(self) -> None:
-        model, _, _, meta = ckpt.load_checkpoint(self.args.experiment.checkpoint)
-        self.shared.weights.publish(model, int(meta["update"]))
+        """--eval-only: publish the weights of --checkpoint (its update as the version) or of --init-policy (0).
+        The files hold state dicts, which lack non-persistent buffers (the decoder's rotary frequencies): the
+        policy is rebuilt and loaded here, and its full published set goes out, as a learner would publish it."""
+        from safetensors.torch import load_file
+
+        if self.args.experiment.init_policy:
+            model, version = load_file(str(Path(self.args.experiment.init_policy) / "model.safetensors")), 0
+        else:
+            model, _, _, meta = ckpt.load_checkpoint(self.args.experiment.checkpoint)
+            version = int(meta["update"])
+        base_from_checkpoint = frozen_base_from_checkpoint(self.args.policy)
+        if not base_from_checkpoint:  # OpenVLA-OFT: the file holds the trainable tensors, the layout is those
+            policy = make_policy(self.args.policy)
+            policy.load_state_dict(model, strict=True)
+            model = published_tensors(policy, trainable_only=False)
+        self.shared.weights.publish(model, version)
 
     def _run_processes(self, builders: dict) -> int:
         ctx = mp.get_context("spawn")

@@ -158,3 +158,38 @@ def test_init_policy_starts_from_saved_weights(tmp_path):
         assert torch.equal(model[name], tensor), name
     result = subprocess.run([*cmd, "--wrist-camera"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "--wrist-camera" in result.stderr
+
+
+def test_eval_only_of_a_saved_policy(tmp_path):
+    """`--eval-only --init-policy DIR` evaluates a saved policy (sft.py's) under the run's protocol: its
+    architecture and exact weights are what the inference server gets (as version 0), buffers that a state
+    dict leaves out included, every task x --eval-episodes-per-task episodes run; --checkpoint together with
+    it is refused."""
+    import torch
+
+    from accerl import Args, ExperimentArgs, Run, WorkersArgs, derive_and_check
+    from vla_policy import PolicyConfig, VLAPolicy
+
+    sizes = dict(zip([a[len("--policy."):].replace("-", "_") for a in TINY[::2]], [int(v) for v in TINY[1::2]]))
+    torch.manual_seed(7)
+    saved = VLAPolicy(PolicyConfig(**sizes))
+    saved.save(str(tmp_path / "policy"))
+
+    def args(**experiment):
+        return Args(experiment=ExperimentArgs(mode="serial", run_dir=str(tmp_path / "eval"), log_every_s=1e9,
+                                              eval_only=True, init_policy=str(tmp_path / "policy"), **experiment),
+                    workers=WorkersArgs(num_env_workers=1, eval_episodes_per_task=2))
+
+    run = Run(derive_and_check(args()))
+    assert run.run() == 0
+    assert run.shared.weights.published_version() == 0
+    # every broadcast tensor, the non-persistent buffers too (rotary frequencies: not in the saved state dict)
+    reference = dict(saved.named_parameters()) | dict(saved.named_buffers())
+    assert set(run.shared.weights.tensors) == set(reference)
+    assert set(reference) - set(saved.state_dict())  # such buffers exist: the case this test is about
+    for name, tensor in reference.items():
+        assert torch.equal(run.shared.weights.tensors[name], tensor), name
+    assert run.final_eval["episodes"] == 2 * run.spec.num_tasks
+    assert json.loads((tmp_path / "eval" / "eval_results.json").read_text())["episodes"] == 2 * run.spec.num_tasks
+    with pytest.raises(SystemExit, match="not both"):
+        derive_and_check(args(checkpoint=str(tmp_path / "eval")))
