@@ -106,6 +106,9 @@ class ExperimentArgs:
     """Override the inference device (e.g. cuda:1 with two GPUs); default: --device."""
     checkpoint_every_updates: int = 100
     """Write a checkpoint every this many updates (and always at exit)."""
+    keep_checkpoints: int = 3
+    """Keep the newest this many checkpoints (older ones are deleted once a newer one is complete); raise it to
+    evaluate a run's checkpoints afterwards (benchmarks/checkpoint_curve.py)."""
     log_every_s: float = 10.0
     """Seconds between progress lines."""
 
@@ -298,6 +301,8 @@ def derive_and_check(args: Args) -> Args:
                         "(a saved policy)")
     if args.experiment.eval_only and args.experiment.checkpoint and args.experiment.init_policy:
         problems.append("--eval-only evaluates one policy: pass --checkpoint or --init-policy, not both")
+    if args.experiment.keep_checkpoints < 1:
+        problems.append("--keep-checkpoints must be >= 1 (the newest checkpoint is what --resume reads)")
     if args.experiment.eval_only and args.workers.num_eval_workers < 1:
         problems.append("--eval-only needs --num-eval-workers >= 1")
     if args.experiment.resume and args.experiment.eval_only:
@@ -1382,6 +1387,7 @@ class Learner:
         self.getter = TimedGet(self.name, args.workers.wait_timeout_s)
         self.segments: list[int] = []
         self.last_update_time = time.perf_counter()
+        self.start_time = time.time()  # checkpoints record their time since here ("learner_seconds")
         self.world_model = self.wm_trainer = None
         if self.rank == 0 and args.wm.wm_train_every_updates:
             self._build_world_model_trainer(spec, resume_from)
@@ -1424,9 +1430,11 @@ class Learner:
                  if frozen_base_from_checkpoint(self.args.policy) else policy.state_dict())
         opt_tensors, opt_meta = ckpt.optimizer_to_tensors(self.optimizer.state_dict())
         meta = {"args": _jsonable(asdict(self.args)), "counters": self.shared.counters.totals(),
-                "optimizer": opt_meta, "scheduler": self.scheduler.state_dict(), "versions": software_versions(self.args)}
+                "learner_seconds": time.time() - self.start_time, "optimizer": opt_meta,
+                "scheduler": self.scheduler.state_dict(), "versions": software_versions(self.args)}
         # the world model goes inside the checkpoint: both are installed by one rename
         path = ckpt.save_checkpoint(self.run_dir, self.update, model, opt_tensors, meta,
+                                    keep=self.args.experiment.keep_checkpoints,
                                     write_extra=self._save_world_model if self.world_model is not None else None)
         log(self.name, f"checkpoint {path}")
         return path

@@ -193,3 +193,34 @@ def test_eval_only_of_a_saved_policy(tmp_path):
     assert json.loads((tmp_path / "eval" / "eval_results.json").read_text())["episodes"] == 2 * run.spec.num_tasks
     with pytest.raises(SystemExit, match="not both"):
         derive_and_check(args(checkpoint=str(tmp_path / "eval")))
+
+
+def test_checkpoint_curve_scores_every_checkpoint_and_the_warm_start(tmp_path):
+    """benchmarks/checkpoint_curve.py: one --eval-only run per kept checkpoint plus the --baseline policy at 0 env
+    steps, rows in training order with the checkpoints' counters; a second call reuses the stored results."""
+    import torch
+
+    from vla_policy import PolicyConfig, VLAPolicy
+
+    sizes = dict(zip([a[len("--policy."):].replace("-", "_") for a in TINY[::2]], [int(v) for v in TINY[1::2]]))
+    torch.manual_seed(3)
+    VLAPolicy(PolicyConfig(**sizes)).save(str(tmp_path / "policy"))
+    run_dir = tmp_path / "run"
+    train = accerl(run_dir, "--mode", "serial", "--total-env-steps", "400", "--init-policy", str(tmp_path / "policy"),
+                   "--checkpoint-every-updates", "1", "--keep-checkpoints", "10", "--num-eval-workers", "0",
+                   "--final-eval-episodes", "0")
+    result = subprocess.run(train, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    kept = sorted((run_dir / "checkpoints").glob("update_*"))
+    assert len(kept) >= 2  # one per update; --keep-checkpoints 10 deleted none
+    curve = [sys.executable, str(ROOT / "benchmarks" / "checkpoint_curve.py"), str(run_dir), "--baseline",
+             str(tmp_path / "policy"), "--episodes-per-task", "1", "--eval-workers", "1", "--", "--mode", "serial"]
+    result = subprocess.run(curve, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(result.stdout.strip().splitlines()[-1])["rows"]
+    assert [r["update"] for r in rows] == [0] + [int(p.name.split("_")[1]) for p in kept]
+    assert rows[0]["env_steps"] == 0 and all(a["env_steps"] < b["env_steps"] for a, b in zip(rows[1:], rows[2:]))
+    assert all(r["episodes"] == 4 for r in rows)  # 1 per task x the 4 tabletop2d tasks
+    again = subprocess.run(curve, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "--eval-only" not in again.stdout  # nothing evaluated twice
+    assert json.loads(again.stdout.strip().splitlines()[-1])["rows"] == rows

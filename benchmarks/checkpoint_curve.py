@@ -1,0 +1,99 @@
+"""Greedy success of every checkpoint of a run, under the evaluation protocol, as a curve (PNG + table).
+
+    python accerl.py --task libero_spatial/0 --init-policy SFT --checkpoint-every-updates 10 --keep-checkpoints 100 \
+        --num-eval-workers 0 --final-eval-episodes 0 --run-dir runs/R           # train, no evaluation inside
+    python benchmarks/checkpoint_curve.py runs/R --baseline SFT --eval-workers 14 --out docs/curve.png [-- accerl options]
+
+Each checkpoint under <run>/checkpoints is scored by `accerl.py --eval-only --checkpoint` (greedy, every task x
+--episodes-per-task; LIBERO: the suite's fixed initial states) into <run>/eval/update_N (skipped when already
+there, so an interrupted call resumes); `--baseline DIR` also scores a saved policy (the warm start) as the
+point at 0 env steps. Evaluating afterwards, with every core, is faster and cleaner than evaluation rounds
+inside a run (they share cores and the GPU with training and mix policy versions). The task, cameras and env
+options are the run's own. Time is the learner's seconds since it started (a resumed run restarts it).
+Prints a table and one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def evaluate(run: Path, name: str, source: list[str], env: dict, args) -> dict:
+    out = run / "eval" / name
+    if not (out / "eval_results.json").is_file():
+        cmd = [sys.executable, str(ROOT / "accerl.py"), "--eval-only", *source, "--task", env["task"],
+               "--env-options", json.dumps(json.loads(env.get("env_options") or "{}")),
+               "--num-eval-workers", str(args.eval_workers), "--eval-episodes-per-task", str(args.episodes_per_task),
+               "--seed", str(args.seed), "--run-dir", str(out), *(["--wrist-camera"] if env.get("wrist_camera") else []),
+               *args.extra]
+        print("# " + " ".join(cmd), flush=True)
+        result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise SystemExit(f"checkpoint_curve: evaluating {name} failed:\n{result.stderr[-3000:]}")
+    return json.loads((out / "eval_results.json").read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", help="a run directory with checkpoints/")
+    parser.add_argument("--baseline", default=None, help="a saved policy (the run's --init-policy) scored at step 0")
+    parser.add_argument("--eval-workers", type=int, default=2)
+    parser.add_argument("--episodes-per-task", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--out", default=None, help="PNG: success vs env steps and vs seconds")
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:cut])
+    args.extra = argv[cut + 1:]  # more accerl.py options after --, e.g. -- --mode serial
+    run = Path(args.run)
+    checkpoints = sorted(p for p in (run / "checkpoints").glob("update_*") if (p / "meta.json").is_file())
+    if not checkpoints:
+        raise SystemExit(f"checkpoint_curve: no complete checkpoint under {run}/checkpoints")
+    env = json.loads((checkpoints[0] / "meta.json").read_text())["args"]["env"]
+    rows = []
+    if args.baseline:
+        result = evaluate(run, "baseline", ["--init-policy", args.baseline], env, args)
+        rows.append({"update": 0, "env_steps": 0, "seconds": 0.0, "success": result["success_rate"],
+                     "episodes": result["episodes"], "source": args.baseline})
+    for path in checkpoints:
+        meta = json.loads((path / "meta.json").read_text())
+        result = evaluate(run, path.name, ["--checkpoint", str(path)], env, args)
+        rows.append({"update": int(meta["update"]), "env_steps": int(meta["counters"]["global_env_step"]),
+                     "seconds": meta.get("learner_seconds"), "success": result["success_rate"],
+                     "episodes": result["episodes"], "source": str(path)})
+    print(f"\n{env['task']}: greedy success per checkpoint ({args.episodes_per_task} episodes per task)\n")
+    print("| update | env steps | seconds | greedy success | episodes |\n|---|---|---|---|---|")
+    for r in rows:
+        seconds = "-" if r["seconds"] is None else f"{r['seconds']:.0f}"
+        print(f"| {r['update']} | {r['env_steps']:,} | {seconds} | {100 * r['success']:.1f} % | {r['episodes']} |")
+    if args.out:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5), sharey=True)
+        left.plot([r["env_steps"] / 1000 for r in rows], [r["success"] for r in rows], "o-")
+        left.set_xlabel("env steps (k)")
+        left.set_ylabel("greedy success")
+        timed = [r for r in rows if r["seconds"] is not None]
+        right.plot([r["seconds"] / 60 for r in timed], [r["success"] for r in timed], "o-")
+        right.set_xlabel("wall clock (min, learner)")
+        for ax in (left, right):
+            ax.set_ylim(0, 1.02)
+            ax.grid(alpha=0.3)
+        fig.suptitle(f"{env['task']}: greedy success of each checkpoint ({run.name})", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(args.out, dpi=110)
+        print(f"\n-> {args.out}")
+    print(json.dumps({"run": str(run), "task": env["task"], "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
