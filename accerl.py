@@ -248,6 +248,10 @@ class AlgorithmArgs:
     """Learning rate of the value group (paper: 1e-4)."""
     warmup_updates: int = 10
     """Linear learning-rate warm-up (paper: 500)."""
+    critic_warmup_updates: int = 0
+    """Train only the critic for this many first updates (the policy group's learning rate is 0, then its own
+    warm-up and decay start): from a warm start (--init-policy) the fresh value head's advantages are noise at first
+    (explained variance -4.7 at update 1 on LIBERO), and policy steps on them only undo the supervised policy."""
     lr_decay_updates: int = 3000
     """Cosine decay horizon after warm-up (paper: 30k), down to --min-lr-ratio."""
     min_lr_ratio: float = 0.1
@@ -303,6 +307,8 @@ def derive_and_check(args: Args) -> Args:
                         "(a saved policy)")
     if args.experiment.eval_only and args.experiment.checkpoint and args.experiment.init_policy:
         problems.append("--eval-only evaluates one policy: pass --checkpoint or --init-policy, not both")
+    if args.algorithm.critic_warmup_updates < 0:
+        problems.append("--critic-warmup-updates must be >= 0")
     if args.experiment.keep_checkpoints < 1:
         problems.append("--keep-checkpoints must be >= 1 (the newest checkpoint is what --resume reads)")
     if args.experiment.eval_only and args.workers.num_eval_workers < 1:
@@ -1264,10 +1270,14 @@ def effective_tokens(env_steps: torch.Tensor, chunk_len: int, active_dims: torch
     return ran[:, :, None] & active_dims[None, None]
 
 
-def lr_lambda(algo: AlgorithmArgs):
-    """Linear warm-up, then cosine decay to min_lr_ratio (reference.md section 4)."""
+def lr_lambda(algo: AlgorithmArgs, delay: int = 0):
+    """Linear warm-up, then cosine decay to min_lr_ratio (reference.md section 4); 0 for the first `delay`
+    updates, after which the schedule starts (the policy group with --critic-warmup-updates)."""
 
     def fn(update: int) -> float:
+        if update < delay:
+            return 0.0
+        update -= delay
         if update < algo.warmup_updates:
             return (update + 1) / algo.warmup_updates
         progress = min(1.0, (update - algo.warmup_updates) / max(1, algo.lr_decay_updates))
@@ -1370,7 +1380,8 @@ class Learner:
             [{"params": policy.policy_parameters(), "lr": args.algorithm.policy_lr, "name": "policy"},
              {"params": policy.value_parameters(), "lr": args.algorithm.value_lr, "name": "value"}],
             weight_decay=args.algorithm.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [lr_lambda(args.algorithm)] * 2)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(  # groups: policy, value
+            optimizer, [lr_lambda(args.algorithm, delay=args.algorithm.critic_warmup_updates), lr_lambda(args.algorithm)])
         if self.world_size == 1:
             self.policy, self.optimizer = self.accelerator.prepare(policy, optimizer)
             self.evaluate = self.policy.evaluate

@@ -156,6 +156,9 @@ def test_learning_rate_schedule_warms_up_then_decays_to_floor():
     assert f(10) == pytest.approx(1.0)
     assert f(60) == pytest.approx(0.55)
     assert f(110) == pytest.approx(0.1) and f(10_000) == pytest.approx(0.1)
+    delayed = lr_lambda(algo, delay=5)  # the policy group with --critic-warmup-updates 5
+    assert [delayed(u) for u in range(5)] == [0.0] * 5
+    assert [delayed(u + 5) for u in (0, 9, 60, 110)] == [pytest.approx(f(u)) for u in (0, 9, 60, 110)]
 
 
 def test_effective_tokens_keep_executed_steps_of_used_dims():

@@ -242,3 +242,23 @@ def test_flags_stay_flat_while_args_nest_by_group():
     assert (args.algorithm.loss, args.algorithm.bf16, args.policy.hidden) == ("sapo", False, 64)
     with pytest.raises(SystemExit):
         tyro.cli(Args, args=["--experiment.seed", "3"])
+
+
+def test_critic_warmup_trains_the_value_head_only(tmp_path):
+    """--critic-warmup-updates: during the warm-up the policy group keeps the warm start's weights exactly
+    while the critic learns."""
+    from vla_policy import VLAPolicy
+
+    torch.manual_seed(11)
+    saved = VLAPolicy(PolicyConfig(**TINY_POLICY))
+    saved.save(str(tmp_path / "policy"))
+    run, code, _ = run_serial(tiny_args(tmp_path, init_policy=str(tmp_path / "policy"), critic_warmup_updates=1000,
+                                        eval_every_updates=0, final_eval_episodes=0))
+    assert code == 0
+    model, _, _, meta = ckpt.load_checkpoint(ckpt.resolve_checkpoint(run.run_dir))
+    assert meta["update"] >= 2
+    value = {n for n, p in saved.named_parameters() if any(p is q for q in saved.value_parameters())}
+    assert value and any(not torch.equal(model[n], saved.state_dict()[n]) for n in value)
+    for name, tensor in saved.state_dict().items():
+        if name not in value:
+            assert torch.equal(model[name], tensor), name
