@@ -1380,8 +1380,8 @@ class Learner:
             [{"params": policy.policy_parameters(), "lr": args.algorithm.policy_lr, "name": "policy"},
              {"params": policy.value_parameters(), "lr": args.algorithm.value_lr, "name": "value"}],
             weight_decay=args.algorithm.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(  # groups: policy, value
-            optimizer, [lr_lambda(args.algorithm, delay=args.algorithm.critic_warmup_updates), lr_lambda(args.algorithm)])
+        schedules = [lr_lambda(args.algorithm, delay=args.algorithm.critic_warmup_updates), lr_lambda(args.algorithm)]
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)  # groups: policy, value
         if self.world_size == 1:
             self.policy, self.optimizer = self.accelerator.prepare(policy, optimizer)
             self.evaluate = self.policy.evaluate
@@ -1400,7 +1400,7 @@ class Learner:
         self.getter = TimedGet(self.name, args.workers.wait_timeout_s)
         self.segments: list[int] = []
         self.last_update_time = time.perf_counter()
-        self.start_time = time.time()  # checkpoints record their time since here ("learner_seconds")
+        self.start_time = time.time()  # checkpoints record the seconds since ("learner_seconds"; resume restarts it)
         self.world_model = self.wm_trainer = None
         if self.rank == 0 and args.wm.wm_train_every_updates:
             self._build_world_model_trainer(spec, resume_from)
@@ -2022,8 +2022,8 @@ class Run:
         else:
             model, _, _, meta = ckpt.load_checkpoint(self.args.experiment.checkpoint)
             version = int(meta["update"])
-        base_from_checkpoint = frozen_base_from_checkpoint(self.args.policy)
-        if not base_from_checkpoint:  # OpenVLA-OFT: the file holds the trainable tensors, the layout is those
+        # OpenVLA-OFT: the file holds the trainable tensors, which are the broadcast's whole layout: as they are
+        if not frozen_base_from_checkpoint(self.args.policy):
             policy = make_policy(self.args.policy)
             policy.load_state_dict(model, strict=True)
             model = published_tensors(policy, trainable_only=False)

@@ -2,7 +2,7 @@
 
     python accerl.py --task libero_spatial/0 --init-policy SFT --checkpoint-every-updates 10 --keep-checkpoints 100 \
         --num-eval-workers 0 --final-eval-episodes 0 --run-dir runs/R           # train, no evaluation inside
-    python benchmarks/checkpoint_curve.py runs/R --baseline SFT --eval-workers 14 --out docs/curve.png [-- accerl options]
+    python benchmarks/checkpoint_curve.py runs/R --baseline SFT --eval-workers 14 --out docs/curve.png [-- OPTS]
 
 Each checkpoint under <run>/checkpoints is scored by `accerl.py --eval-only --checkpoint` (greedy, every task x
 --episodes-per-task; LIBERO: the suite's fixed initial states) into <run>/eval/update_N (skipped when already
@@ -10,7 +10,7 @@ there, so an interrupted call resumes); `--baseline DIR` also scores a saved pol
 point at 0 env steps. Evaluating afterwards, with every core, is faster and cleaner than evaluation rounds
 inside a run (they share cores and the GPU with training and mix policy versions). The task, cameras and env
 options are the run's own. Time is the learner's seconds since it started (a resumed run restarts it).
-Prints a table and one JSON line.
+OPTS: more accerl.py options for every evaluation (e.g. --mode serial). Prints a table and one JSON line.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ def evaluate(run: Path, name: str, source: list[str], env: dict, args) -> dict:
         cmd = [sys.executable, str(ROOT / "accerl.py"), "--eval-only", *source, "--task", env["task"],
                "--env-options", json.dumps(json.loads(env.get("env_options") or "{}")),
                "--num-eval-workers", str(args.eval_workers), "--eval-episodes-per-task", str(args.episodes_per_task),
-               "--seed", str(args.seed), "--run-dir", str(out), *(["--wrist-camera"] if env.get("wrist_camera") else []),
-               *args.extra]
+               "--seed", str(args.seed), "--run-dir", str(out),
+               *(["--wrist-camera"] if env.get("wrist_camera") else []), *args.extra]
         print("# " + " ".join(cmd), flush=True)
         result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if result.returncode != 0:
