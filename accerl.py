@@ -842,9 +842,13 @@ class EnvWorker:
             storage.trunc_value[seg, rows[0] - 1] = storage.value[seg, rows[1]]
         row = rows[0]
         if row == self.T:  # the bootstrap row is evaluated: the segment is complete
+            # sync: wait for the update this segment feeds. Read the version before handing the segment over:
+            # read after, the learner may already have published that update (the last segment it waited for),
+            # and the env would wait for one more, which needs its own next segment: a deadlock
+            version = self.shared.weights.published_version()
             row = self._finish_segment(i)
             if self.args.experiment.mode == "sync":
-                e.awaiting_version = self.shared.weights.published_version() + 1
+                e.awaiting_version = version + 1
                 return
         self._execute_chunk(i, row)
 

@@ -262,3 +262,41 @@ def test_critic_warmup_trains_the_value_head_only(tmp_path):
     for name, tensor in saved.state_dict().items():
         if name not in value:
             assert torch.equal(model[name], tensor), name
+
+
+def test_sync_env_waits_for_the_update_its_segment_feeds_when_it_lands_at_once(tmp_path):
+    """Sync mode: an env that hands over its segment waits for the next published version. The learner may
+    publish that update between the hand-over and the env's next look (the segment was the last it waited
+    for): the env must still wait for exactly that version, not one more (which would never come)."""
+    run = Run(tiny_args(tmp_path, mode="sync", num_eval_workers=0, final_eval_episodes=0, eval_every_updates=0))
+    run.build(serial=True)
+    landed = []
+
+    class UpdateLandsAtOnce:  # full_segments whose put is followed at once by the learner's publication
+        def __init__(self, inner):
+            self.inner = inner
+
+        def put(self, item, block=True, timeout=None):
+            self.inner.put(item, block, timeout)
+            landed.append(run.shared.weights.published_version() + 1)
+            run.shared.weights.publish({}, landed[-1])
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    run.chan.full_segments = UpdateLandsAtOnce(run.chan.full_segments)
+    run.start()
+    roles = {}
+    try:
+        roles = {name: build() for name, build in run.role_builders(serial=True).items()}  # the learner publishes v0
+        env = roles["env_worker_0"]
+        for _ in range(20_000):
+            for name in ("env_worker_0", "inference"):
+                roles[name].step()
+            if landed:
+                break
+        assert landed, "no segment was completed"
+        assert [e.awaiting_version for e in env.envs if e.awaiting_version is not None] == landed[:1]
+    finally:
+        for role in roles.values():
+            role.close()
