@@ -502,6 +502,13 @@ def load_policy_config(directory: str) -> PolicyConfig:
     return PolicyConfig(**json.loads((path / "config.json").read_text()))  # its __post_init__ re-tuples lists
 
 
+def load_policy_weights(directory: str) -> dict[str, torch.Tensor]:
+    """The state dict of a directory written by `VLAPolicy.save` (its architecture: `load_policy_config`)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(directory) / "model.safetensors"))
+
+
 def resolve_devices(args: Args) -> tuple[list[str], list[str]]:
     """(device of each learner rank, device of each inference server). With --device auto (or cuda) and
     GPUs visible, learner rank r goes to cuda:r and server k to cuda:(k mod #GPUs), so K = M = G puts one
@@ -1396,9 +1403,7 @@ class Learner:
         if resume_from is not None:
             self._load(resume_from)
         elif args.experiment.init_policy:  # weights only: the architecture came from the same directory
-            from safetensors.torch import load_file
-
-            weights = load_file(str(Path(args.experiment.init_policy) / "model.safetensors"))
+            weights = load_policy_weights(args.experiment.init_policy)
             self.accelerator.unwrap_model(self.policy).load_state_dict(weights, strict=True)
             log(self.name, f"policy initialised from {args.experiment.init_policy}")
         self.getter = TimedGet(self.name, args.workers.wait_timeout_s)
@@ -2019,10 +2024,8 @@ class Run:
         """--eval-only: publish the weights of --checkpoint (its update as the version) or of --init-policy (0).
         The files hold state dicts, which lack non-persistent buffers (the decoder's rotary frequencies): the
         policy is rebuilt and loaded here, and its full published set goes out, as a learner would publish it."""
-        from safetensors.torch import load_file
-
         if self.args.experiment.init_policy:
-            model, version = load_file(str(Path(self.args.experiment.init_policy) / "model.safetensors")), 0
+            model, version = load_policy_weights(self.args.experiment.init_policy), 0
         else:
             model, _, _, meta = ckpt.load_checkpoint(self.args.experiment.checkpoint)
             version = int(meta["update"])

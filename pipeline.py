@@ -173,11 +173,10 @@ class WeightBroadcast:
         if unknown:
             raise KeyError(f"not in the broadcast layout: {sorted(unknown)[:5]}")
         self.seq += 1  # odd: writing
-        first = int(self.version.item()) < 0
         for name, tensor in named_tensors.items():
             self.tensors[name].copy_(tensor.detach(), non_blocking=False)
-            if not first:
-                self.refreshed[self._index[name]] = True
+        if int(self.version.item()) >= 0:  # not the first publication: mark these as re-published
+            self.refreshed[[self._index[name] for name in named_tensors]] = True
         self.version.fill_(version)
         self.seq += 1  # even: consistent
 

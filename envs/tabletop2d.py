@@ -215,7 +215,7 @@ class Tabletop2D(TaskEnv):
     def _sample_layout(self) -> np.ndarray:
         if self.opts.layout in ("slots", "fixed"):
             jitter = self.rng.uniform(-self.opts.slot_jitter, self.opts.slot_jitter, (len(OBJECTS), 2))
-            order = self.rng.permutation(len(OBJECTS))
+            order = self.rng.permutation(len(OBJECTS))  # drawn for "fixed" too: both use the rng alike
             return (SLOTS[order] if self.opts.layout == "slots" else SLOTS) + jitter
         # "free": rejection sampling; objects keep apart (no ambiguous grasps) and away from the EE start
         # (no free successes). With 4 objects on this table it accepts within a few tries.

@@ -20,6 +20,8 @@ TINY = ["--policy.image-size", "32", "--policy.patch-size", "8", "--policy.visio
         "--policy.vision-layers", "1", "--policy.vision-heads", "1", "--policy.vision-mlp", "64",
         "--policy.hidden", "32", "--policy.decoder-layers", "1", "--policy.decoder-heads", "1",
         "--policy.decoder-mlp", "64", "--policy.value-hidden", "32"]
+TINY_SIZES = dict(zip([a[len("--policy."):].replace("-", "_") for a in TINY[::2]], [int(v) for v in TINY[1::2]]))
+"""TINY as PolicyConfig keyword arguments."""
 
 
 def accerl(run_dir: Path, *extra: str) -> list[str]:
@@ -143,9 +145,8 @@ def test_init_policy_starts_from_saved_weights(tmp_path):
 
     from vla_policy import PolicyConfig, VLAPolicy
 
-    sizes = dict(zip([a[len("--policy."):].replace("-", "_") for a in TINY[::2]], [int(v) for v in TINY[1::2]]))
     torch.manual_seed(123)
-    saved = VLAPolicy(PolicyConfig(**sizes))
+    saved = VLAPolicy(PolicyConfig(**TINY_SIZES))
     saved.save(str(tmp_path / "policy"))
     run_dir = tmp_path / "run"
     cmd = accerl(run_dir, "--mode", "serial", "--total-env-steps", "8", "--init-policy", str(tmp_path / "policy"),
@@ -170,9 +171,8 @@ def test_eval_only_of_a_saved_policy(tmp_path):
     from accerl import Args, ExperimentArgs, Run, WorkersArgs, derive_and_check
     from vla_policy import PolicyConfig, VLAPolicy
 
-    sizes = dict(zip([a[len("--policy."):].replace("-", "_") for a in TINY[::2]], [int(v) for v in TINY[1::2]]))
     torch.manual_seed(7)
-    saved = VLAPolicy(PolicyConfig(**sizes))
+    saved = VLAPolicy(PolicyConfig(**TINY_SIZES))
     saved.save(str(tmp_path / "policy"))
 
     def args(**experiment):
@@ -202,9 +202,8 @@ def test_checkpoint_curve_scores_every_checkpoint_and_the_warm_start(tmp_path):
 
     from vla_policy import PolicyConfig, VLAPolicy
 
-    sizes = dict(zip([a[len("--policy."):].replace("-", "_") for a in TINY[::2]], [int(v) for v in TINY[1::2]]))
     torch.manual_seed(3)
-    VLAPolicy(PolicyConfig(**sizes)).save(str(tmp_path / "policy"))
+    VLAPolicy(PolicyConfig(**TINY_SIZES)).save(str(tmp_path / "policy"))
     run_dir = tmp_path / "run"
     train = accerl(run_dir, "--mode", "serial", "--total-env-steps", "400", "--init-policy", str(tmp_path / "policy"),
                    "--checkpoint-every-updates", "1", "--keep-checkpoints", "10", "--num-eval-workers", "0",
