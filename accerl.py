@@ -1409,7 +1409,8 @@ class Learner:
         self.getter = TimedGet(self.name, args.workers.wait_timeout_s)
         self.segments: list[int] = []
         self.last_update_time = time.perf_counter()
-        self.start_time = time.time()  # checkpoints record the seconds since ("learner_seconds"; resume restarts it)
+        # checkpoints record the learner's seconds so far ("learner_seconds"); a resumed run continues the count
+        self.start_time = time.time() - (self.resumed_seconds if resume_from is not None else 0.0)
         self.world_model = self.wm_trainer = None
         if self.rank == 0 and args.wm.wm_train_every_updates:
             self._build_world_model_trainer(spec, resume_from)
@@ -1482,6 +1483,7 @@ class Learner:
         self.scheduler.load_state_dict(meta["scheduler"])
         ckpt.set_rng_state(rng, meta["rng"])
         self.update = int(meta["update"])
+        self.resumed_seconds = float(meta.get("learner_seconds", 0.0))
         log(self.name, f"resumed from {path} at update {self.update}")
 
     # -- the loop --------------------------------------------------------------------------------

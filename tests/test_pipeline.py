@@ -4,6 +4,7 @@ storage and queues, weight publication, checkpoints and resume, env restarts."""
 import json
 import pickle
 import queue
+import time
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +158,8 @@ def test_resume_restores_counters_weights_optimizer_and_continues(tmp_path):
     assert learner.update == meta["update"]
     assert learner.scheduler.last_epoch == meta["scheduler"]["last_epoch"]
     assert run2.shared.counters.total("global_env_step") == meta["counters"]["global_env_step"]
+    # the learner's clock continues where the checkpoint stopped (the wall-clock axis of a resumed run's curve)
+    assert time.time() - learner.start_time >= meta["learner_seconds"]
 
     # the resumed run continues the same run directory and counters
     run3, code, _ = run_serial(tiny_args(tmp_path, resume=str(run.run_dir), total_env_steps=800))
