@@ -1480,6 +1480,12 @@ def train(args: Train) -> dict:
     if not train_eps or not heldout_eps:
         raise SystemExit(f"world_model train: {len(train_eps)} training and {len(heldout_eps)} held-out episodes; "
                          "collect more or change --holdout-fraction")
+    unknown = sorted({e["instruction"] for e in train_eps + heldout_eps} - set(cfg.instructions))
+    if unknown:  # the reward model's task input is the instruction's index among the tasks of --task
+        source = f"--init {args.init}" if args.init else f"--task {args.task}"
+        raise SystemExit(f"world_model train: {len(unknown)} instruction(s) of the data are not among the "
+                         f"{len(cfg.instructions)} tasks of {source}, e.g. {unknown[0]!r}; pass the --task the "
+                         "demonstrations were recorded on (e.g. --task libero_spatial)")
     data = TransitionData(train_eps, cfg.instructions, cfg.context_frames)
     heldout = TransitionData(heldout_eps, cfg.instructions, cfg.context_frames)
     model = WorldModel.load(args.init, device) if args.init else WorldModel(cfg).to(device)

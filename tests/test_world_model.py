@@ -383,6 +383,14 @@ def test_train_and_eval_commands(data_dir, tmp_path, capsys):
     assert "reward model on real contexts" in out and (tmp_path / "strip.png").is_file()
 
 
+def test_train_names_the_fix_when_the_data_are_of_other_tasks(data_dir, tmp_path):
+    # e.g. LIBERO demonstrations with the default --task tabletop2d: stopped before any training
+    with pytest.raises(SystemExit, match="instruction.*not among the 1 tasks.*pass the --task"):
+        main(["train", "--data", str(data_dir), "--run-dir", str(tmp_path / "run"), "--model.image-size", str(SIZE),
+              "--model.instructions", "stack the plates"])
+    assert not (tmp_path / "run").exists()
+
+
 def test_evaluate_reports_every_metric(episodes):
     data = TransitionData(episodes, INSTRUCTIONS, 4)
     metrics, image = evaluate(tiny_model(), data, horizons=(1, 2, 4, 8), windows=16, strip_steps=3)
