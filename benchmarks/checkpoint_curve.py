@@ -9,7 +9,7 @@ Each checkpoint under <run>/checkpoints is scored by `accerl.py --eval-only --ch
 there, so an interrupted call resumes); `--baseline DIR` also scores a saved policy (the warm start) as the
 point at 0 env steps. Evaluating afterwards, with every core, is faster and cleaner than evaluation rounds
 inside a run (they share cores and the GPU with training and mix policy versions). The task, cameras and env
-options are the run's own. Time is the learner's seconds since it started (a resumed run restarts it).
+options are the run's own. Time is the learner's seconds since it started (a resumed run continues the count).
 OPTS: more accerl.py options for every evaluation (e.g. --mode serial). Prints a table and one JSON line.
 """
 
