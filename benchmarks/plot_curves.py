@@ -6,7 +6,8 @@
 Each argument is FILE:LABEL[:AFTER]. FILE holds checkpoint_curve.py's output (its last JSON line is read).
 AFTER names an earlier argument's label letter (a, b, c... in argument order) that this run continued from
 (a new run started from that run's last checkpoint): its env steps and seconds are shifted by that run's last
-point, and its baseline point (the warm start re-scored) is drawn at the junction.
+point, and its baseline point (the warm start re-scored) is drawn at the junction. The last line printed is one JSON
+object: each label's points as drawn.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
     print(f"-> {args.out}")
+    print(json.dumps({label: rows for label, rows in curves.values()}))
 
 
 if __name__ == "__main__":

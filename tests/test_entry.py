@@ -223,3 +223,25 @@ def test_checkpoint_curve_scores_every_checkpoint_and_the_warm_start(tmp_path):
     again = subprocess.run(curve, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "--eval-only" not in again.stdout  # nothing evaluated twice
     assert json.loads(again.stdout.strip().splitlines()[-1])["rows"] == rows
+
+
+def test_plot_curves_shifts_a_continued_run_to_the_end_of_the_one_it_continues(tmp_path):
+    def curve(name: str, points: list[tuple[int, float, float]]) -> str:
+        rows = [{"update": i, "env_steps": steps, "seconds": seconds, "success": success, "episodes": 50}
+                for i, (steps, seconds, success) in enumerate(points)]
+        (tmp_path / name).write_text("| table |\n" + json.dumps({"run": name, "task": "t", "rows": rows}) + "\n")
+        return str(tmp_path / name)
+
+    first = curve("a.txt", [(0, 0.0, 0.6), (100, 50.0, 0.7)])
+    second = curve("b.txt", [(0, 0.0, 0.72), (30, 20.0, 0.8)])
+    script = [sys.executable, str(ROOT / "benchmarks" / "plot_curves.py")]
+    result = subprocess.run([*script, f"{first}:first", f"{second}:second:a", "--out", str(tmp_path / "c.png")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    drawn = json.loads(result.stdout.splitlines()[-1])
+    assert [(r["env_steps"], r["seconds"]) for r in drawn["second"]] == [(100, 50.0), (130, 70.0)]
+    assert [(r["env_steps"], r["seconds"]) for r in drawn["first"]] == [(0, 0.0), (100, 50.0)]
+    assert (tmp_path / "c.png").stat().st_size > 0
+    bad = subprocess.run([*script, f"{second}:second:b", "--out", str(tmp_path / "d.png")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "not an earlier argument" in bad.stderr
