@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import queue
+import signal
 import socket
 import sys
 import time
@@ -22,6 +23,17 @@ import torch
 def log(role: str, message: str) -> None:
     """Every log line names the process that wrote it (style.md rule 4)."""
     print(f"{time.strftime('%H:%M:%S')} [{role}] {message}", file=sys.stderr, flush=True)
+
+
+def interrupt_on_stop_signals():
+    """Until the returned function is called, SIGINT and SIGTERM raise KeyboardInterrupt in the main thread, so a
+    training loop that saves what it learnt on Ctrl-C does the same on `kill` / a scheduler's stop, and under
+    `nohup ... &` (a non-interactive shell starts background jobs with SIGINT ignored). Returns the restorer."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    return lambda: [signal.signal(s, handler) for s, handler in previous.items()]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ import torch
 import checkpoint as ckpt
 from demos import read_demos
 from envs import env_spec, make_env, parse_task
-from pipeline import log
+from pipeline import interrupt_on_stop_signals, log
 from vla_policy import (PolicyConfig, VLAPolicy, actions_to_tokens, cli_with_preset, policy_autocast,
                         tokens_to_actions)
 
@@ -383,6 +383,7 @@ def main(args: Args) -> dict:
     update, interrupted = 0, False
     window_start = time.perf_counter()
     policy.train()
+    restore_signals = interrupt_on_stop_signals()
     try:
         while update < args.total_updates:
             if cursor + args.batch_size > len(order):  # a new epoch: every chunk start once per epoch
@@ -415,9 +416,11 @@ def main(args: Args) -> dict:
             if args.eval_every_updates and update % args.eval_every_updates == 0 and update < args.total_updates \
                     and args.eval_episodes > 0:
                 last_eval = _log_eval(writer, greedy_evaluation(policy, args, args.eval_episodes, device), update)
-    except KeyboardInterrupt:  # keep what was learnt: save and evaluate below
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep what was learnt, save below
         interrupted = True
         log("sft", f"interrupted at update {update}; saving")
+    finally:
+        restore_signals()
 
     final_eval = None
     if args.final_eval_episodes > 0 and not interrupted:

@@ -68,7 +68,7 @@ from safetensors.torch import load_file, save_file
 
 import checkpoint as ckpt
 from envs import EnvSpec, TaskEnv, env_spec, make_env, parse_task
-from pipeline import SharedTensors, TimedGet, WeightBroadcast, log
+from pipeline import SharedTensors, TimedGet, WeightBroadcast, interrupt_on_stop_signals, log
 
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
@@ -1506,6 +1506,7 @@ def train(args: Train) -> dict:
     window_start, interrupted = time.perf_counter(), False
     deadline = start_time + args.max_minutes * 60 if args.max_minutes > 0 else math.inf
     metrics = {}
+    restore_signals = interrupt_on_stop_signals()
     try:
         while trainer.update < args.total_updates and time.time() < deadline:
             for key, value in trainer.train_step(sampler.sample()).items():
@@ -1524,9 +1525,11 @@ def train(args: Train) -> dict:
             if args.eval_every_updates and update % args.eval_every_updates == 0:
                 metrics, image = evaluate(model, heldout, windows=args.eval_windows, seed=args.seed)
                 log_evaluation(writer, metrics, image, update)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep what was learnt
         interrupted = True
         log("wm", f"interrupted at update {trainer.update}; evaluating and saving")
+    finally:
+        restore_signals()
     metrics, image = evaluate(model, heldout, windows=args.eval_windows, seed=args.seed)
     log_evaluation(writer, metrics, image, trainer.update)
     write_png(image, run_dir / "wm_strip.png")

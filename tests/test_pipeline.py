@@ -2,8 +2,10 @@
 storage and queues, weight publication, checkpoints and resume, env restarts."""
 
 import json
+import os
 import pickle
 import queue
+import signal
 import time
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import torch
 
 import checkpoint as ckpt
 from accerl import Args, EnvArgs, ExperimentArgs, Learner, Run, WorkersArgs, derive_and_check
-from pipeline import WeightBroadcast
+from pipeline import WeightBroadcast, interrupt_on_stop_signals
 from vla_policy import PolicyConfig
 
 TINY_POLICY = dict(image_size=32, patch_size=8, vision_hidden=32, vision_layers=1, vision_heads=1, vision_mlp=64,
@@ -303,3 +305,20 @@ def test_sync_env_waits_for_the_update_its_segment_feeds_when_it_lands_at_once(t
     finally:
         for role in roles.values():
             role.close()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_stop_signals_interrupt_a_training_loop_even_where_sigint_was_ignored(signum):
+    # sft.py and world_model.py train save what they learnt on KeyboardInterrupt; `nohup cmd &` starts them
+    # with SIGINT ignored, and a scheduler stops them with SIGTERM
+    before = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        restore = interrupt_on_stop_signals()
+        with pytest.raises(KeyboardInterrupt, match=signal.Signals(signum).name):
+            os.kill(os.getpid(), signum)
+            time.sleep(5)  # the handler runs at the next bytecode; never reached
+        restore()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
