@@ -2,8 +2,9 @@
 
     python benchmarks/learning_curve.py runs/A runs/B --labels async sync --out docs/learning_curve.png
 
-Prints, per run, the first wall-clock time and env step at which greedy success reached --threshold,
-and a JSON line with the curves' points.
+Prints, per run, the first wall-clock time and env step at which greedy success reached --threshold (with
+--sustain K: the first of K evaluations in a row that all reach it, so that one lucky round of a few dozen
+episodes does not count), and a JSON line with the curves' points.
 """
 
 from __future__ import annotations
@@ -30,11 +31,20 @@ def load_curve(run_dir: str, tag: str = "eval/success_rate") -> list[dict]:
     return [{"env_steps": e.step, "wall_s": e.wall_time - start, "success": e.value} for e in events]
 
 
+def first_reached(curve: list[dict], threshold: float, sustain: int = 1) -> dict | None:
+    """The first point that starts `sustain` consecutive points with success >= threshold (None: never)."""
+    for i in range(len(curve) - sustain + 1):
+        if all(p["success"] >= threshold for p in curve[i:i + sustain]):
+            return curve[i]
+    return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+")
     parser.add_argument("--labels", nargs="*")
     parser.add_argument("--threshold", type=float, default=0.9)
+    parser.add_argument("--sustain", type=int, default=1, help="evaluations in a row that must reach --threshold")
     parser.add_argument("--title", default="greedy success (eval/success_rate)")
     parser.add_argument("--out", default="docs/learning_curve.png")
     args = parser.parse_args()
@@ -43,7 +53,7 @@ def main() -> None:
     result = {}
     for run, label in zip(args.runs, labels):
         curve = load_curve(run)
-        reached = next((p for p in curve if p["success"] >= args.threshold), None)
+        reached = first_reached(curve, args.threshold, args.sustain)
         result[label] = {"curve": curve, "reached": reached}
         if reached:
             print(f"{label}: success {reached['success']:.2f} >= {args.threshold} at {reached['wall_s'] / 60:.1f} min, "

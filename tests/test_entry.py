@@ -245,3 +245,15 @@ def test_plot_curves_shifts_a_continued_run_to_the_end_of_the_one_it_continues(t
     bad = subprocess.run([*script, f"{second}:second:b", "--out", str(tmp_path / "d.png")],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "not an earlier argument" in bad.stderr
+
+
+def test_learning_curve_threshold_with_sustain():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from learning_curve import first_reached
+    finally:
+        sys.path.pop(0)
+    curve = [{"env_steps": s, "success": v} for s, v in [(0, 0.7), (10, 0.82), (20, 0.7), (30, 0.8), (40, 0.9), (50, 0.85)]]
+    assert first_reached(curve, 0.8)["env_steps"] == 10      # one lucky round
+    assert first_reached(curve, 0.8, sustain=3)["env_steps"] == 30
+    assert first_reached(curve, 0.95) is None and first_reached(curve, 0.8, sustain=4) is None
