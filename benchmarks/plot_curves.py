@@ -6,8 +6,8 @@
 Each argument is FILE:LABEL[:AFTER]. FILE holds checkpoint_curve.py's output (its last JSON line is read).
 AFTER names an earlier argument's label letter (a, b, c... in argument order) that this run continued from
 (a new run started from that run's last checkpoint): its env steps and seconds are shifted by that run's last
-point, and its baseline point (the warm start re-scored) is drawn at the junction. The last line printed is one JSON
-object: each label's points as drawn.
+point, and its baseline point (the warm start re-scored) is drawn at the junction. The last line printed is
+one JSON object: each label's points as drawn.
 """
 
 from __future__ import annotations

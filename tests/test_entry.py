@@ -253,7 +253,8 @@ def test_learning_curve_threshold_with_sustain():
         from learning_curve import first_reached
     finally:
         sys.path.pop(0)
-    curve = [{"env_steps": s, "success": v} for s, v in [(0, 0.7), (10, 0.82), (20, 0.7), (30, 0.8), (40, 0.9), (50, 0.85)]]
+    points = [(0, 0.7), (10, 0.82), (20, 0.7), (30, 0.8), (40, 0.9), (50, 0.85)]
+    curve = [{"env_steps": steps, "success": success} for steps, success in points]
     assert first_reached(curve, 0.8)["env_steps"] == 10      # one lucky round
     assert first_reached(curve, 0.8, sustain=3)["env_steps"] == 30
     assert first_reached(curve, 0.95) is None and first_reached(curve, 0.8, sustain=4) is None
