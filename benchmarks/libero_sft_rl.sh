@@ -12,7 +12,10 @@
 # greedy, the task's 50 fixed initial states (`--eval-only`), run after training with every core
 # (benchmarks/checkpoint_curve.py): inside the run, 3 eval workers beside 11 env workers took 170 s for one round
 # of 50 episodes (the final round then missed the call's time limit), and a round spans several policy versions. RL's policy lr is 3e-5 (the default 3e-4, made for RL from random init, took libero_spatial/0
-# from 0.75 to 0.39 training success in 35 updates; docs/RESULTS.md).
+# from 0.75 to 0.39 training success in 35 updates; docs/RESULTS.md). Session 6 tried lr 3e-5 to 1e-4 with 8 or 28
+# segments per update for 4-36 updates (`... rl OUT POLICY --policy-lr 1e-4 --segments-per-update 28 --update-epochs 2
+# --num-minibatches 4 --critic-warmup-updates 2` came closest, 72 % at update 6): too few updates to move the policy
+# (entropy and KL unchanged); plan >= 100 updates, i.e. RL_SECONDS beyond one call, with --resume on a held machine.
 set -euo pipefail
 stage=$1 out=$2
 task=${TASK:-libero_spatial/0} workers=${WORKERS:-14}
