@@ -1400,6 +1400,8 @@ class Learner:
             self.evaluate, self.optimizer = self.accelerator.prepare(_EvaluateForward(policy), optimizer)
             self.policy = policy
         self.update = 0
+        # checkpoints record the learner's seconds so far ("learner_seconds"); a resumed run continues the count
+        self.start_time = time.time()
         if resume_from is not None:
             self._load(resume_from)
         elif args.experiment.init_policy:  # weights only: the architecture came from the same directory
@@ -1409,8 +1411,6 @@ class Learner:
         self.getter = TimedGet(self.name, args.workers.wait_timeout_s)
         self.segments: list[int] = []
         self.last_update_time = time.perf_counter()
-        # checkpoints record the learner's seconds so far ("learner_seconds"); a resumed run continues the count
-        self.start_time = time.time() - (self.resumed_seconds if resume_from is not None else 0.0)
         self.world_model = self.wm_trainer = None
         if self.rank == 0 and args.wm.wm_train_every_updates:
             self._build_world_model_trainer(spec, resume_from)
@@ -1483,7 +1483,7 @@ class Learner:
         self.scheduler.load_state_dict(meta["scheduler"])
         ckpt.set_rng_state(rng, meta["rng"])
         self.update = int(meta["update"])
-        self.resumed_seconds = float(meta.get("learner_seconds", 0.0))
+        self.start_time -= float(meta.get("learner_seconds", 0.0))
         log(self.name, f"resumed from {path} at update {self.update}")
 
     # -- the loop --------------------------------------------------------------------------------

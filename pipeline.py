@@ -32,8 +32,12 @@ def interrupt_on_stop_signals():
     def interrupt(signum, frame):
         raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
+    def restore() -> None:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
     previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
-    return lambda: [signal.signal(s, handler) for s, handler in previous.items()]
+    return restore
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -488,12 +488,20 @@ def is_heldout(source: str, fraction: float) -> bool:
     return zlib.crc32(f"{Path(path).name}:{demo}".encode()) % 10_000 < fraction * 10_000
 
 
+def check_instructions(episodes: list[dict], instructions: tuple[str, ...], source: str = "the world model") -> None:
+    """The reward model's task input is an instruction's index among the tasks: data of other tasks are an error
+    that names the fix (`source` says where the tasks came from, e.g. "--task tabletop2d")."""
+    unknown = sorted({e["instruction"] for e in episodes} - set(instructions))
+    if unknown:
+        raise ValueError(f"{len(unknown)} instruction(s) of the data are not among the {len(instructions)} tasks of "
+                         f"{source}, e.g. {unknown[0]!r}; pass the --task the demonstrations were recorded on "
+                         "(e.g. --task libero_spatial)")
+
+
 def task_ids(episodes: list[dict], instructions: tuple[str, ...]) -> list[int]:
     """Task id of each episode, by its instruction (official LIBERO files carry no task id)."""
+    check_instructions(episodes, instructions)
     index = {text: i for i, text in enumerate(instructions)}
-    unknown = sorted({e["instruction"] for e in episodes} - set(index))
-    if unknown:
-        raise ValueError(f"episode instructions not among the env's tasks: {unknown[:3]}")
     return [index[e["instruction"]] for e in episodes]
 
 
@@ -1480,12 +1488,11 @@ def train(args: Train) -> dict:
     if not train_eps or not heldout_eps:
         raise SystemExit(f"world_model train: {len(train_eps)} training and {len(heldout_eps)} held-out episodes; "
                          "collect more or change --holdout-fraction")
-    unknown = sorted({e["instruction"] for e in train_eps + heldout_eps} - set(cfg.instructions))
-    if unknown:  # the reward model's task input is the instruction's index among the tasks of --task
-        source = f"--init {args.init}" if args.init else f"--task {args.task}"
-        raise SystemExit(f"world_model train: {len(unknown)} instruction(s) of the data are not among the "
-                         f"{len(cfg.instructions)} tasks of {source}, e.g. {unknown[0]!r}; pass the --task the "
-                         "demonstrations were recorded on (e.g. --task libero_spatial)")
+    try:  # before any training or output
+        check_instructions(train_eps + heldout_eps, cfg.instructions,
+                           f"--init {args.init}" if args.init else f"--task {args.task}")
+    except ValueError as error:
+        raise SystemExit(f"world_model train: {error}") from None
     data = TransitionData(train_eps, cfg.instructions, cfg.context_frames)
     heldout = TransitionData(heldout_eps, cfg.instructions, cfg.context_frames)
     model = WorldModel.load(args.init, device) if args.init else WorldModel(cfg).to(device)

@@ -73,25 +73,10 @@ def main() -> None:
         seconds = "-" if r["seconds"] is None else f"{r['seconds']:.0f}"
         print(f"| {r['update']} | {r['env_steps']:,} | {seconds} | {100 * r['success']:.1f} % | {r['episodes']} |")
     if args.out:
-        import matplotlib
+        from plot_curves import draw  # benchmarks/, this script's directory
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5), sharey=True)
-        left.plot([r["env_steps"] / 1000 for r in rows], [r["success"] for r in rows], "o-")
-        left.set_xlabel("env steps (k)")
-        left.set_ylabel("greedy success")
-        timed = [r for r in rows if r["seconds"] is not None]
-        right.plot([r["seconds"] / 60 for r in timed], [r["success"] for r in timed], "o-")
-        right.set_xlabel("wall clock (min, learner)")
-        for ax in (left, right):
-            ax.set_ylim(0, 1.02)
-            ax.grid(alpha=0.3)
-        fig.suptitle(f"{env['task']}: greedy success of each checkpoint ({run.name})", fontsize=9)
-        fig.tight_layout()
-        fig.savefig(args.out, dpi=110)
-        print(f"\n-> {args.out}")
+        print()
+        draw([(run.name, rows)], f"{env['task']}: greedy success of each checkpoint ({run.name})", args.out)
     print(json.dumps({"run": str(run), "task": env["task"], "rows": rows}))
 
 

@@ -25,6 +25,32 @@ def read_rows(path: str) -> list[dict]:
     return json.loads(lines[-1])["rows"]
 
 
+def draw(curves: list[tuple[str, list[dict]]], title: str, out: str) -> None:
+    """Greedy success against env steps (left) and the learner's wall clock (right), one line per (label, rows)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for label, rows in curves:
+        left.plot([r["env_steps"] / 1000 for r in rows], [r["success"] for r in rows], "o-", label=label)
+        timed = [r for r in rows if r["seconds"] is not None]
+        right.plot([r["seconds"] / 60 for r in timed], [r["success"] for r in timed], "o-", label=label)
+    left.set_xlabel("env steps (k)")
+    left.set_ylabel("greedy success")
+    right.set_xlabel("wall clock (min, learner)")
+    for ax in (left, right):
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    right.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    print(f"-> {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="FILE:LABEL[:AFTER]")
@@ -43,27 +69,7 @@ def main() -> None:
                          seconds=None if r["seconds"] is None else r["seconds"] + last["seconds"]) for r in rows]
         curves[letter] = (label, rows)
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
-    for label, rows in curves.values():
-        left.plot([r["env_steps"] / 1000 for r in rows], [r["success"] for r in rows], "o-", label=label)
-        timed = [r for r in rows if r["seconds"] is not None]
-        right.plot([r["seconds"] / 60 for r in timed], [r["success"] for r in timed], "o-", label=label)
-    left.set_xlabel("env steps (k)")
-    left.set_ylabel("greedy success")
-    right.set_xlabel("wall clock (min, learner)")
-    for ax in (left, right):
-        ax.set_ylim(0, 1.02)
-        ax.grid(alpha=0.3)
-    right.legend(fontsize=7)
-    fig.suptitle(args.title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(args.out, dpi=110)
-    print(f"-> {args.out}")
+    draw(list(curves.values()), args.title, args.out)
     print(json.dumps({label: rows for label, rows in curves.values()}))
 
 
