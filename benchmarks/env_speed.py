@@ -38,8 +38,9 @@ def steps_per_second(env, seconds: float, chunk_len: int | None, rng: np.random.
 
 
 def success_rate(env, episodes: int, policy: str, chunk_len: int, rng: np.random.Generator) -> float:
-    """Fraction of episodes that end in success; policy is "random", "expert" or "ignore_instruction"."""
-    from envs.tabletop2d import expert_chunk
+    """Fraction of episodes that end in success; policy is "random", "expert", "ignore_instruction" (the
+    expert heading for a random object) or "sweep" (`sweep_chunk`: every slot in turn, gripper closed)."""
+    from envs.tabletop2d import expert_chunk, sweep_chunk
 
     successes = 0
     for _ in range(episodes):
@@ -49,11 +50,13 @@ def success_rate(env, episodes: int, policy: str, chunk_len: int, rng: np.random
         while not done:
             if policy == "random":
                 chunk = rng.uniform(-1, 1, (chunk_len, 7))
+            elif policy == "sweep":
+                chunk = sweep_chunk(env, chunk_len)
             else:
                 chunk = expert_chunk(env, chunk_len, task_id=decoy if policy == "ignore_instruction" else None)
-            _, _, terminated, truncated, _ = env.step_chunk(chunk)
+            _, _, terminated, truncated, info = env.step_chunk(chunk)
             done = terminated or truncated
-        successes += terminated
+        successes += info["success"]
     return successes / episodes
 
 
@@ -75,7 +78,8 @@ def main() -> None:
     result["steps_per_s_chunked"] = steps_per_second(env, args.seconds, args.chunk_len, rng)
     print(f"{args.task}: {result['steps_per_s_rendered_every_step']:,.0f} env steps/s rendering every step, "
           f"{result['steps_per_s_chunked']:,.0f} env steps/s in chunks of {args.chunk_len}")
-    policies = ["random"] + (["ignore_instruction", "expert"] if parse_task(args.task)[0] == "tabletop2d" else [])
+    scripted = ["ignore_instruction", "sweep", "expert"]
+    policies = ["random"] + (scripted if parse_task(args.task)[0] == "tabletop2d" else [])
     for policy in policies:
         start = time.perf_counter()
         rate = success_rate(env, args.episodes, policy, args.chunk_len, rng)

@@ -14,6 +14,7 @@ Info (a dict) from `step` and `step_chunk`:
     "success": bool, the task's success predicate at the last executed step
     "task_id": int
     "env_steps": int, simulator steps executed (1 for `step`, <= chunk length for `step_chunk`)
+    an env may add its own keys (tabletop2d: "grasped"); the pipeline reads only these three;
     with `step_chunk(actions, record=True)` only (the real steps that train the world model):
     "frames":  uint8 (env_steps, H, W, 3), the third-person image after every executed step (the last
                one is obs["image"])

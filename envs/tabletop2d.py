@@ -10,11 +10,15 @@ step times when the asynchronous machinery itself is under test.
 Action (normalised, see envs/__init__.py): dims 0-1 move the EE by up to `max_delta` along x and y
 (clipped to the table), dims 2-5 are ignored (they exist for the 7-D contract), dim 6 > 0 closes the
 gripper. Success at a step: gripper closed and EE within `success_radius` of the target's centre ->
-reward 1.0 and terminated. Every other step gives 0. proprio = [x, y, gripper (1.0 closed, 0.0 open)].
+reward 1.0 and terminated. Closing it there on another object is a wrong grasp: terminated with reward 0
+(option `wrong_grasp`; without it, closing on every object in turn succeeds blind, see `sweep_chunk`).
+Every other step gives 0. proprio = [x, y, gripper (1.0 closed, 0.0 open)]. info["grasped"] names the
+object under the closed gripper (-1: none).
 
 Tuning (benchmarks/env_speed.py, 2,000 episodes, default options): uniformly random actions succeed in
 ~4.5 % of episodes (a weak but real RL signal; ~9 % with layout "free"), a policy that goes to a random
-object in ~1/K, `expert_chunk` in 100 %, within 4-8 env steps (one chunk of 8) of the 64 allowed. A
+object in ~1/K, the blind `sweep_chunk` in ~1/K, `expert_chunk` in 100 %, within 4-8 env steps (one
+chunk of 8) of the 64 allowed. A
 longer direct route at the same random success rate would need a much longer episode: a random walk
 covers distance ~ max_delta * sqrt(steps), a direct route ~ max_delta * steps.
 """
@@ -65,6 +69,11 @@ class Tabletop2DOptions:
     """EE displacement per step at action +-1, per axis (world units)."""
     success_radius: float = 0.15
     """EE-to-target-centre distance within which closing the gripper succeeds."""
+    wrong_grasp: str = "fail"
+    """Closing the gripper within `success_radius` of another object than the target: "fail" ends the
+    episode (terminated, reward 0), so a policy that ignores the instruction cannot beat 1/K; "ignore"
+    lets it go on (then one that closes on every object in turn succeeds without reading the
+    instruction: the four slots are 43 env steps apart of the 64 allowed)."""
     max_episode_steps: int = 64
     """Truncation limit in env steps (8 chunks of 8)."""
     step_cost_ms: float = 0.0
@@ -83,6 +92,8 @@ class Tabletop2DOptions:
     def __post_init__(self):
         if self.layout not in ("slots", "fixed", "free"):
             raise ValueError(f"tabletop2d layout={self.layout!r}: use 'slots', 'fixed' or 'free'")
+        if self.wrong_grasp not in ("fail", "ignore"):
+            raise ValueError(f"tabletop2d wrong_grasp={self.wrong_grasp!r}: use 'fail' or 'ignore'")
         if self.step_cost_kind not in ("sleep", "spin"):
             raise ValueError(f"tabletop2d step_cost_kind={self.step_cost_kind!r}: use 'sleep' or 'spin'")
         for name in ("max_delta", "success_radius", "max_episode_steps"):
@@ -160,6 +171,7 @@ class Tabletop2D(TaskEnv):
         self._seed(seed)
         self.ee_xy = np.zeros(2)
         self.gripper_closed = False
+        self.grasped = -1
         self.object_xy = SLOTS.copy()
         self.env_steps = 0
         self._episode_over = True  # step() before reset() is an error
@@ -205,6 +217,7 @@ class Tabletop2D(TaskEnv):
         self.ee_xy = self.rng.uniform(-EE_START_JITTER, EE_START_JITTER, 2)
         self.object_xy = self._sample_layout()
         self.gripper_closed = False
+        self.grasped = -1
         self.env_steps = 0
         self._episode_over = False
         self._background = self._render_background()
@@ -272,13 +285,19 @@ class Tabletop2D(TaskEnv):
         self.ee_xy = np.clip(self.ee_xy + move, -1.0, 1.0)
         self.gripper_closed = bool(action[6] > 0)
         self.env_steps += 1
-        delta = self.ee_xy - self.target_xy
-        success = self.gripper_closed and float(delta @ delta) <= self.opts.success_radius ** 2
-        truncated = not success and self.env_steps >= self.opts.max_episode_steps
-        self._episode_over = success or truncated
+        # The object under a closed gripper (-1: none); every layout keeps objects > 2 x success_radius apart.
+        self.grasped = -1
+        if self.gripper_closed:
+            delta = self.object_xy - self.ee_xy
+            near = np.flatnonzero(np.einsum("kd,kd->k", delta, delta) <= self.opts.success_radius ** 2)
+            self.grasped = int(near[0]) if len(near) else -1
+        success = self.grasped == self.task_id
+        terminated = success or (self.grasped >= 0 and self.opts.wrong_grasp == "fail")
+        truncated = not terminated and self.env_steps >= self.opts.max_episode_steps
+        self._episode_over = terminated or truncated
         if self.opts.step_cost_ms > 0:
             self._spend_step_cost()
-        return float(success), success, truncated, success
+        return float(success), terminated, truncated, success
 
     def _spend_step_cost(self) -> None:
         # Lognormal with sigma 1 has mean exp(mu + 1/2): mu is chosen so the mean is step_cost_ms.
@@ -292,7 +311,7 @@ class Tabletop2D(TaskEnv):
                 pass
 
     def _info(self, success: bool, env_steps: int) -> dict:
-        return {"success": success, "task_id": self.task_id, "env_steps": env_steps}
+        return {"success": success, "task_id": self.task_id, "env_steps": env_steps, "grasped": self.grasped}
 
     def step(self, action: np.ndarray) -> tuple[dict[str, np.ndarray], float, bool, bool, dict]:
         reward, terminated, truncated, success = self._advance(np.asarray(action, dtype=np.float64))
@@ -348,4 +367,25 @@ def expert_chunk(env: Tabletop2D, chunk_len: int = 8, noise: float = 0.0,
         xy = np.clip(xy + action[:2] * opts.max_delta, -1.0, 1.0)
         close = np.linalg.norm(xy - target) <= 0.7 * opts.success_radius
         action[6] = np.clip((1.0 if close else -1.0) + action[6], -1.0, 1.0)
+    return chunk
+
+
+SWEEP_ORDER = (0, 1, 3, 2)
+"""Slot order of `sweep_chunk`: round the table, adjacent corners only."""
+SWEEP_LEG_STEPS = 14
+"""Env steps `sweep_chunk` spends heading for each slot (a corner-to-corner leg needs ~13 at max_delta)."""
+
+
+def sweep_chunk(env: Tabletop2D, chunk_len: int = 8) -> np.ndarray:
+    """The instruction-blind baseline (chunk_len, 7): visit the four slots in turn with the gripper
+    closed, ignoring the instruction and the image. With wrong_grasp="ignore" it succeeds in ~99 % of
+    episodes with the default layout; with "fail" (the default) the first object it reaches ends the
+    episode, so it succeeds in ~1/K. tests/test_tabletop2d.py checks both."""
+    xy, steps = env.ee_xy.copy(), env.env_steps
+    chunk = np.zeros((chunk_len, 7))
+    for k in range(chunk_len):
+        target = SLOTS[SWEEP_ORDER[min((steps + k) // SWEEP_LEG_STEPS, len(SWEEP_ORDER) - 1)]]
+        chunk[k, :2] = np.clip((target - xy) / env.opts.max_delta, -1.0, 1.0)
+        chunk[k, 6] = 1.0
+        xy = np.clip(xy + chunk[k, :2] * env.opts.max_delta, -1.0, 1.0)
     return chunk

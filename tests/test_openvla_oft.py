@@ -590,7 +590,9 @@ def test_regression_head_with_proprio(mini):
     # the distribution: a discretised Gaussian around the regressed mean, sigma = regression_init_std
     centres = (torch.arange(256) + 0.5) / 128 - 1
     expected = (-0.5 * ((centres - mean[..., None]) / 0.05) ** 2).log_softmax(-1)
-    torch.testing.assert_close(out["log_probs"][0], expected, atol=1e-4, rtol=1e-4)
+    # rtol 1e-3: far-tail bins have log-probs near -70, where float32 rounding of the two routes differs by
+    # ~1e-4 relative (torch 2.13); a sigma off by 1 % would move them by 2 %
+    torch.testing.assert_close(out["log_probs"][0], expected, atol=1e-4, rtol=1e-3)
     assert out["log_probs"].shape == (2, CHUNK, DIM, 256)
     # a sampled row acts with bin centres; its logp is that of its tokens
     np.testing.assert_allclose(out["normalized_actions"][1], centres[out["action_tokens"][1]])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from envs import env_spec, make_env
-from envs.tabletop2d import EE_COLOUR, INSTRUCTIONS, SLOTS, Tabletop2D, expert_chunk
+from envs.tabletop2d import EE_COLOUR, INSTRUCTIONS, SLOTS, Tabletop2D, expert_chunk, sweep_chunk
 
 OPEN, CLOSE = -1.0, 1.0
 
@@ -51,7 +51,7 @@ def test_step_returns_gymnasium_tuple_and_contract_info():
     assert env.instruction == INSTRUCTIONS[2]
     obs, reward, terminated, truncated, info = env.step(action(0.5, -0.5, CLOSE))
     assert reward == 0.0 and terminated is False and truncated is False
-    assert info == {"success": False, "task_id": 2, "env_steps": 1}
+    assert info == {"success": False, "task_id": 2, "env_steps": 1, "grasped": -1}
     np.testing.assert_allclose(obs["proprio"][:2], env.ee_xy, atol=1e-6)
     assert obs["proprio"][2] == 1.0  # gripper closed
 
@@ -134,8 +134,9 @@ def test_instruction_decides_the_goal():
         # Same scene, same pixels: only the instruction tells the tasks apart ...
         assert np.array_equal(env.object_xy, layout) and np.array_equal(obs_a["image"], obs_b["image"])
         assert np.linalg.norm(env.target_xy - target_a) > 2 * env.opts.success_radius
-        # ... and task 0's expert actions fail under task 1's instruction.
-        assert not any(env.step(a)[2] for a in actions)
+        # ... and task 0's expert actions fail under task 1's instruction: a wrong grasp of object 0.
+        _, reward, terminated, _, info = env.step_chunk(actions)
+        assert (reward, terminated, info["success"], info["grasped"]) == (0.0, True, False, 0)
         env.reset(task_id=1, seed=seed)
         assert np.array_equal(expert_chunk(env, task_id=0)[:len(actions)], actions[:8])  # same plan
 
@@ -164,10 +165,39 @@ def test_random_policy_rarely_but_sometimes_succeeds():
         env.reset()
         done = False
         while not done:
-            _, _, terminated, truncated, _ = env.step_chunk(rng.uniform(-1, 1, (8, 7)))
+            _, _, terminated, truncated, info = env.step_chunk(rng.uniform(-1, 1, (8, 7)))
             done = terminated or truncated
-        successes += terminated
+        successes += info["success"]
     assert 0 < successes / episodes <= 0.10
+
+
+def test_a_wrong_grasp_ends_the_episode_without_reward():
+    env = Tabletop2D(seed=13)
+    env.reset(seed=13, task_id=0)
+    other = 2
+    _, reward, terminated, truncated, info = env.step_chunk(expert_chunk(env, 16, task_id=other))
+    assert (reward, terminated, truncated) == (0.0, True, False)
+    assert info["grasped"] == other and not info["success"]
+    with pytest.raises(RuntimeError, match="reset"):
+        env.step(action())
+    env = Tabletop2D(seed=13, wrong_grasp="ignore")
+    env.reset(seed=13, task_id=0)
+    _, reward, terminated, truncated, info = env.step_chunk(expert_chunk(env, 16, task_id=other))
+    assert (reward, terminated, info["grasped"]) == (0.0, False, other)
+
+
+@pytest.mark.parametrize("wrong_grasp, low, high", [("fail", 0.10, 0.40), ("ignore", 0.90, 1.0)])
+def test_an_instruction_blind_sweep_succeeds_only_with_wrong_grasps_ignored(wrong_grasp, low, high):
+    env = Tabletop2D(image_size=32, seed=14, wrong_grasp=wrong_grasp)
+    successes, episodes = 0, 200
+    for _ in range(episodes):
+        env.reset()
+        done = False
+        while not done:
+            _, _, terminated, truncated, info = env.step_chunk(sweep_chunk(env))
+            done = terminated or truncated
+        successes += info["success"]
+    assert low <= successes / episodes <= high
 
 
 def test_step_chunk_stops_at_termination_and_matches_stepping():
@@ -245,6 +275,8 @@ def test_bad_options_and_actions_raise_clear_errors():
         Tabletop2D(layout="grid")
     with pytest.raises(ValueError, match="step_cost_kind"):
         Tabletop2D(step_cost_kind="nap")
+    with pytest.raises(ValueError, match="wrong_grasp"):
+        Tabletop2D(wrong_grasp="retry")
     with pytest.raises(ValueError, match="max_delta"):
         Tabletop2D(max_delta=0)
     with pytest.raises(ValueError, match="task_id"):
