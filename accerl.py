@@ -63,8 +63,8 @@ import tyro
 import checkpoint as ckpt
 from envs import EnvSpec, env_spec, make_env, parse_task
 from pipeline import Counters, Heartbeats, RolloutStorage, StorageShape, TimedGet, WeightBroadcast, free_tcp_port, log
-from vla_policy import (PolicyConfig, VLAPolicy, cli_with_preset, make_policy, make_tokenizer,
-                        resolve_policy_config)
+from vla_policy import (PolicyConfig, VLAPolicy, cli_with_preset, cpu_has_native_bf16, make_policy,
+                        make_tokenizer, resolve_policy_config)
 from world_model import (ContextBank, ImaginationSlots, ImaginedEnv, LocalWorldModel, RealResetContexts,
                          ReplayContexts, ServedWorldModel, SlotShape, StepReplay, WorldModel, WorldModelServer,
                          WorldModelTrainer, load_config, load_optimizer_state, read_episodes)
@@ -270,8 +270,9 @@ class AlgorithmArgs:
     max_policy_lag: int | None = None
     """Drop samples produced by a policy more than this many updates old (None: keep all)."""
     bf16: bool = True
-    """bf16 autocast in inference and learner (heads and log-probs stay fp32); also on CPU, where
-    avx512_bf16 makes the default policy 1.3-1.6x faster (platform.md)."""
+    """bf16 autocast in inference and learner (heads and log-probs stay fp32). On a CPU-only run it stays on
+    only where the CPU has native bf16 (avx512_bf16 makes the default policy 1.3-1.6x faster, platform.md);
+    elsewhere it is turned off with a log line (emulated bf16 ran it ~5x slower: vla_policy.cpu_has_native_bf16)."""
 
 
 @dataclass
@@ -397,6 +398,12 @@ def derive_and_check(args: Args) -> Args:
         raise SystemExit(f"accerl: --num-minibatches {args.algorithm.num_minibatches} exceeds the {rows_per_rank} "
                          "chunk steps of each learner rank: lower it or raise --segments-per-update")
     args.policy.num_cameras = 2 if args.env.wrist_camera else 1
+    learner_devices, inference_devices = resolve_devices(args)
+    all_cpu = all(d == "cpu" for d in learner_devices + inference_devices)
+    if args.algorithm.bf16 and all_cpu and not cpu_has_native_bf16():
+        log("main", "bf16 autocast off: this CPU has no native bf16 (avx512_bf16 / AMX), where it is ~5x slower "
+                    "than float32 for the default policy")
+        args.algorithm.bf16 = False
     return args
 
 

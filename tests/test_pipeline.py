@@ -237,6 +237,15 @@ def test_bad_arguments_fail_before_anything_starts(tmp_path):
         derive_and_check(Args(env=EnvArgs(env_options="layout=free")))
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_cpu_bf16_only_where_the_cpu_has_it(monkeypatch, native):
+    # emulated bf16 made the default policy ~5x slower than float32 (AVX2-only EPYC): a CPU run turns it off there
+    import accerl
+
+    monkeypatch.setattr(accerl, "cpu_has_native_bf16", lambda: native)
+    assert derive_and_check(Args(experiment=ExperimentArgs(device="cpu"))).algorithm.bf16 is native
+
+
 def test_flags_stay_flat_while_args_nest_by_group():
     # Args nests one dataclass per group (one --help box each); OmitArgPrefixes keeps the flags' spelling
     import tyro
