@@ -21,7 +21,9 @@ What goes into `<out>/` (nothing else; stale files there are removed):
   MuJoCo would open); the MuJoCo compile is skipped (0.02 s a task instead of 4-10 s). --full-build builds,
   resets and steps every task instead (slow), recording files opened after the compile as well.
 - *.whl: cp312 manylinux x86_64 wheels (mujoco 3.3.2, pyopengl, glfw, gymnasium, farama-notifications,
-  easydict, future, termcolor, bddl 1.0.1); extra/typing_extensions-*.whl (installed only where missing).
+  easydict, future, termcolor, bddl 1.0.1) and the project's own needs that the GPU image lacks (tyro with
+  docstring-parser and typeguard: every entry script parses its flags with tyro; KINDS.md's package list);
+  extra/typing_extensions-*.whl (installed only where missing or older than typeguard needs).
   The mujoco wheel's members are recompressed with LZMA (same bytes inside; 1.6 MiB less to carry).
 - debs/*.deb: Debian's libglvnd EGL/GL loaders (the GPU image has no libEGL; platform.md).
 - manifest.json: suites, tasks, versions, sizes, sha256 of each file.
@@ -56,8 +58,10 @@ PY_TARGET = ["--python-version", "3.12", "--implementation", "cp", "--platform",
 # (distribution, version pin or None = the version installed here, else the newest)
 WHEELS = [("mujoco", "3.3.2"), ("pyopengl", None), ("glfw", None), ("gymnasium", "1.4.0"),
           ("farama-notifications", None), ("easydict", "1.14"), ("future", "1.0.0"), ("termcolor", "3.3.0")]
+# the project's command lines (tyro.cli) on the GPU image, which has no tyro (KINDS.md); pure Python, 0.2 MiB
+PROJECT_WHEELS = [("tyro", None), ("docstring-parser", None), ("typeguard", None)]
 BUILT_WHEELS = [("bddl", "1.0.1")]  # `pip wheel --no-deps` (builds from the sdist where no wheel exists)
-EXTRA_WHEELS = [("typing-extensions", None)]  # mujoco imports it; torch brings it on the GPU machine
+EXTRA_WHEELS = [("typing-extensions", None)]  # mujoco and typeguard (>= 4.14) import it; torch brings one
 REPACK_WHEELS = ("mujoco-",)  # recompressed with LZMA (repack_wheel): same files, 1.6 MiB less to carry
 DEBS = ["libegl1", "libglvnd0", "libopengl0", "libgl1", "libglx0", "libgles2"]
 MESH_OR_TEXTURE = re.compile(r'<(\w+)\b[^>]*?\bfile="([^"]+)"')
@@ -299,7 +303,7 @@ def fetch_wheels(out: str) -> list[str]:
     with tempfile.TemporaryDirectory(prefix="libero_wheels_") as scratch:
         main_dir, extra_dir = os.path.join(scratch, "main"), os.path.join(scratch, "extra")
         _pip(["download", "--no-deps", "--only-binary=:all:", *PY_TARGET, "-d", main_dir,
-              *(_pin(d, v) for d, v in WHEELS)])
+              *(_pin(d, v) for d, v in WHEELS + PROJECT_WHEELS)])
         _pip(["wheel", "--no-deps", "-w", main_dir, *(_pin(d, v) for d, v in BUILT_WHEELS)])
         _pip(["download", "--no-deps", "--only-binary=:all:", *PY_TARGET, "-d", extra_dir,
               *(_pin(d, v) for d, v in EXTRA_WHEELS)])

@@ -6,7 +6,7 @@
 # Idempotent: on a reused machine it checks stamps (the sha256 of the bundle's manifest.json) and only
 # re-exports; a different bundle is installed afresh. What it does (platform.md, "LIBERO on the GPU machine"):
 # 1. wheels -> $LIBERO_SITE (/tmp/site): pip install --no-index --no-deps --no-compile --target
-#    (typing_extensions from extra/ only where Python lacks it);
+#    (typing_extensions from extra/ only where Python lacks it or has one older than typeguard's 4.14);
 # 2. sim.tar.xz -> $LIBERO_SIM (/tmp/sim): robosuite/ and libero/ (with its pruned assets at
 #    libero/libero/assets, which is where envs/libero.py and LIBERO look);
 # 3. Debian's libglvnd debs (the image has no libEGL.so.1): `dpkg -x` into / and ldconfig as root, else into
@@ -14,8 +14,8 @@
 # 4. exports PYTHONPATH=$LIBERO_SITE:$LIBERO_SIM:<repo>:..., MUJOCO_GL=egl, PYOPENGL_PLATFORM=egl,
 #    __EGL_VENDOR_LIBRARY_FILENAMES (NVIDIA's EGL vendor file), LIBERO_CONFIG_PATH=/tmp/libero_config
 #    (config.yaml written there: LIBERO otherwise prompts with input());
-# 5. checks that libero/robosuite/mujoco import from there and prints the GL renderer of an EGL context
-#    (skip with LIBERO_SETUP_CHECK=0).
+# 5. checks that libero/robosuite/mujoco import from there (and tyro, h5py at all) and prints the GL renderer
+#    of an EGL context (skip with LIBERO_SETUP_CHECK=0).
 # Then e.g.: python3 -m envs.libero_setup --smoke ; python3 benchmarks/libero_speed.py
 # Several GPUs: pass LiberoEnv(egl_device_id=...) per worker (MUJOCO_EGL_DEVICE_ID).
 
@@ -40,7 +40,10 @@ _libero_setup() {
     if [ "$(cat "$site/.libero_bundle" 2>/dev/null)" != "$key" ]; then
         rm -rf "$site.tmp"
         local wheels=("$bundle"/*.whl)
-        if ! "$py" -c "import typing_extensions" 2>/dev/null; then wheels+=("$bundle"/extra/typing_extensions-*.whl); fi
+        if ! "$py" -c "import importlib.metadata as m, sys; import typing_extensions
+sys.exit(tuple(map(int, m.version('typing_extensions').split('.')[:2])) < (4, 14))" 2>/dev/null; then
+            wheels+=("$bundle"/extra/typing_extensions-*.whl)
+        fi
         if "$py" -m pip --version >/dev/null 2>&1; then
             if ! "$py" -m pip install -q --no-index --no-deps --no-compile --disable-pip-version-check \
                     --target "$site.tmp" "${wheels[@]}"; then
@@ -152,6 +155,7 @@ import json, os, sys
 sim, bundle = sys.argv[1], sys.argv[2]
 import envs.libero as L  # sets MUJOCO_GL before mujoco
 import mujoco, robosuite, libero
+import h5py, tyro  # demos.py and every entry script (tyro: a bundled wheel; h5py: the image's)
 bad = [m.__name__ for m in (robosuite, libero) if not m.__file__.startswith(sim + "/")]
 if bad or not os.path.isdir(os.path.join(L.libero_root(), "assets", "scenes")):
     sys.exit(f"{bad or 'assets'} not from {sim}: PYTHONPATH={os.environ.get('PYTHONPATH')}")

@@ -1,10 +1,11 @@
 """The world model (world_model.py): transitions from demo files, the denoiser's loss falls on a tiny
 dataset, reward-model metrics against hand-computed values, one shared env-contract check run on the real
 tabletop2d env and on ImaginedEnv (in-process and served), served = local for the same seed, atomic save /
-load round trip, and the train / eval commands. ~15-25 s on 2 cores."""
+load round trip, the train / eval commands and benchmarks/wm_quality.py on given demo files. ~20-30 s on 2 cores."""
 
 from __future__ import annotations
 
+import json
 import math
 import queue
 import subprocess
@@ -390,6 +391,38 @@ def test_train_names_the_fix_when_the_data_are_of_other_tasks(data_dir, tmp_path
         main(["train", "--data", str(data_dir), "--run-dir", str(tmp_path / "run"), "--model.image-size", str(SIZE),
               "--model.instructions", "stack the plates"])
     assert not (tmp_path / "run").exists()
+
+
+def test_wm_quality_scores_given_demo_files(data_dir, tmp_path):
+    # benchmarks/wm_quality.py on demos.py files of one task (the path LIBERO takes: --task, --test-data): the
+    # table and the JSON are those of `evaluate` on exactly that file, every horizon finite
+    from demos import task_file_name
+
+    checkpoint = tiny_model(seed=5).save(tmp_path / "wm")
+    test_file = data_dir / task_file_name(INSTRUCTIONS[1])
+    result = subprocess.run(
+        [sys.executable, "benchmarks/wm_quality.py", "--checkpoint", str(checkpoint), "--task", "tabletop2d/1",
+         "--test-data", str(test_file), "--windows", "16", "--device", "cpu", "--data-dir", str(tmp_path / "none")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| open-loop PSNR (dB) |" in result.stdout and "| copy-last-frame PSNR (dB) |" in result.stdout
+    scored = json.loads(result.stdout.strip().splitlines()[-1])
+    assert not (tmp_path / "none").exists()  # nothing collected: only the given file is read
+    episodes = read_episodes((str(test_file),), SIZE)
+    assert scored["task"] == "tabletop2d/1" and scored["test_episodes"] == len(episodes) == 3
+    expected, _ = evaluate(WorldModel.load(checkpoint), TransitionData(episodes, INSTRUCTIONS, 4), windows=16, seed=0)
+    for h in (1, 2, 4, 8):
+        for key in (f"open_loop_psnr_h{h}", f"copy_last_psnr_h{h}"):
+            assert math.isfinite(scored[key]) and 5 < scored[key] < 100, key
+            assert scored[key] == pytest.approx(expected[key], rel=1e-5), key
+    assert scored["reward_count"] == len(TransitionData(episodes, INSTRUCTIONS, 4))
+    assert scored["reward_accuracy"] == pytest.approx(expected["reward_accuracy"])
+
+
+def test_wm_quality_refuses_other_tasks_without_their_data(tmp_path):
+    result = subprocess.run([sys.executable, "benchmarks/wm_quality.py", "--task", "libero_spatial/0", "--checkpoint",
+                             str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "pass --test-data" in result.stderr
 
 
 def test_evaluate_reports_every_metric(episodes):
