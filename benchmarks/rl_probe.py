@@ -14,8 +14,10 @@ policy head is the default VLA's: 256 bins per action dimension through the "smo
   objects   [all 4 object positions, EE, task one-hot]: the policy must pick the instructed object (grounding)
   pixels    the rendered image + task one-hot through a 3-layer CNN (perception and grounding)
 
-Every `--eval-every` updates: training success over the last 200 episodes, mean token entropy of the used
-dimensions, greedy success on `--eval-episodes` fixed-seed episodes. Results: docs/RESULTS.md.
+Every `--eval-every` updates, over the last 200 training episodes: success, the share that ended in a wrong
+grasp, and the share of grasps made at the most grasped of the four corners (0.25: no favourite corner, 1.0:
+always the same corner); then the mean token entropy of the used dimensions and greedy success on
+`--eval-episodes` fixed-seed episodes. Results: docs/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from accerl import AlgorithmArgs, compute_gae, policy_objective  # noqa: E402
-from envs.tabletop2d import Tabletop2D  # noqa: E402
-from vla_policy import tokens_to_actions  # noqa: E402
+from envs.tabletop2d import SLOTS, Tabletop2D  # noqa: E402
+from vla_policy import actions_to_tokens, tokens_to_actions  # noqa: E402
 
 USED_DIMS = (0, 1, 6)  # the action dims tabletop2d reads: x, y, gripper
 NUM_TASKS = 4
@@ -59,7 +61,8 @@ class SmoothBinHead(nn.Module):
 
 
 class ProbePolicy(nn.Module):
-    def __init__(self, obs: str, obs_dim: int, image_size: int, chunk_len: int, num_bins: int):
+    def __init__(self, obs: str, obs_dim: int, image_size: int, chunk_len: int, num_bins: int,
+                 trunk: str = "tanh"):
         super().__init__()
         self.obs, self.image_size = obs, image_size
         if obs == "pixels":
@@ -68,7 +71,9 @@ class ProbePolicy(nn.Module):
             features = self.cnn(torch.zeros(1, 3, image_size, image_size)).shape[1] + NUM_TASKS
             self.trunk = nn.Sequential(nn.Linear(features, 256), nn.ReLU())
         else:
-            self.trunk = nn.Sequential(nn.Linear(obs_dim, 128), nn.Tanh(), nn.Linear(128, 256), nn.Tanh())
+            act = nn.Tanh if trunk == "tanh" else nn.ReLU
+            width = 128 if trunk == "tanh" else 256
+            self.trunk = nn.Sequential(nn.Linear(obs_dim, width), act(), nn.Linear(width, 256), act())
         self.head = SmoothBinHead(256, chunk_len, num_bins)
         self.value = nn.Linear(256, 1)
 
@@ -105,10 +110,68 @@ def greedy_success(policy: ProbePolicy, args, make) -> float:
         while not done:
             with torch.no_grad():
                 logits, _ = policy(torch.from_numpy(observe(env, args.obs))[None])
-            _, _, terminated, truncated, _ = env.step_chunk(to_env_actions(logits[0].argmax(-1), args.num_bins))
+            _, _, terminated, truncated, info = env.step_chunk(to_env_actions(logits[0].argmax(-1), args.num_bins))
             done = terminated or truncated
-        successes += terminated
+        successes += info["success"]
     return successes / args.eval_episodes
+
+
+def hindsight_rows(policy, obs, tokens, behaviour_logp, ran, grasped, terminated, truncated):
+    """Rows of every episode in the segment that ended by grasping another object j than the instructed
+    one, relabelled as task j (a success there): its chunk steps with the task one-hot set to j, reward 1 at
+    the grasp. Advantages: return minus the current critic's value, normalised with the segment's."""
+    rows, rewards_list = [], []
+    N, T = grasped.shape
+    for i in range(N):
+        start = 0
+        for t in range(T):
+            if terminated[i, t] and grasped[i, t] >= 0:
+                task = int(obs[i, t, -NUM_TASKS:].argmax())
+                if grasped[i, t] != task:
+                    rows.append((i, start, t + 1, int(grasped[i, t])))
+            if terminated[i, t] or truncated[i, t]:
+                start = t + 1
+    if not rows:
+        return None
+    out = [[] for _ in range(6)]
+    for i, a, b, j in rows:
+        x = obs[i, a:b].clone()
+        x[:, -NUM_TASKS:] = 0
+        x[:, -NUM_TASKS + j] = 1
+        steps = b - a
+        ret = torch.tensor([0.99 ** (steps - 1 - k) for k in range(steps)])
+        with torch.no_grad():
+            value = policy(x)[1]
+        for z, v in zip(out, (x, tokens[i, a:b], behaviour_logp[i, a:b], ret - value, ret, ran[i, a:b])):
+            z.append(v)
+    out = [torch.cat(z) for z in out]
+    out[3] = (out[3] - out[3].mean()) / (out[3].std() + 1e-8) if len(out[3]) > 1 else out[3]
+    return out
+
+
+def behaviour_cloning(policy: ProbePolicy, optimizer, args, make) -> None:
+    """`--bc-steps`: the same policy and head trained by cross-entropy on the scripted expert's chunks (noise
+    0.1) from fresh episodes' first states, a batch of `--num-envs` x 4: what the network can learn from
+    labels, beside what RL gets out of it."""
+    from envs.tabletop2d import expert_chunk
+
+    rng, env, batch = np.random.default_rng(args.seed), make(args.seed + 7), args.num_envs * 4
+    start = time.time()
+    for step in range(1, args.bc_steps + 1):
+        xs, targets = [], []
+        for _ in range(batch):
+            env.reset()
+            xs.append(observe(env, args.obs))
+            chunk = expert_chunk(env, args.chunk_len, noise=0.1, rng=rng)[:, USED_DIMS]
+            targets.append(actions_to_tokens(torch.from_numpy(chunk).float(), args.num_bins))
+        logits, _ = policy(torch.from_numpy(np.stack(xs)))
+        loss = nn.functional.cross_entropy(logits.flatten(0, 2), torch.stack(targets).flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % args.eval_every == 0 or step == args.bc_steps:
+            print(f"bc_step {step} wall_s {time.time() - start:.0f} loss {loss.item():.3f} greedy_success "
+                  f"{greedy_success(policy, args, make):.2f}", flush=True)
 
 
 def main() -> None:
@@ -129,6 +192,12 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--eval-episodes", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--trunk", default="tanh", choices=["tanh", "relu"],
+                        help="state trunk: tanh 128-256 or relu 256-256 (relative and objects only)")
+    parser.add_argument("--bc-steps", type=int, default=0,
+                        help="instead of RL: this many behaviour-cloning steps on the scripted expert (labels)")
+    parser.add_argument("--hindsight", action="store_true",
+                        help="also train on each wrong-grasp episode relabelled with the grasped object's task")
     args = parser.parse_args()
     options = json.loads(args.env_options)
     torch.manual_seed(args.seed)
@@ -141,12 +210,14 @@ def main() -> None:
     for env in envs:
         env.reset()
     obs_dim = observe(envs[0], args.obs).shape[0]
-    policy = ProbePolicy(args.obs, obs_dim, args.image_size, args.chunk_len, args.num_bins)
+    policy = ProbePolicy(args.obs, obs_dim, args.image_size, args.chunk_len, args.num_bins, args.trunk)
     optimizer = torch.optim.Adam(policy.parameters(), args.lr)
     algo = AlgorithmArgs(loss=args.loss)
-    N, T, K, D = args.num_envs, args.segment_len, args.chunk_len, len(USED_DIMS)
-    start, env_steps, outcomes = time.time(), 0, []
     print(f"# rl_probe {vars(args)}", flush=True)
+    if args.bc_steps:
+        return behaviour_cloning(policy, optimizer, args, make)
+    N, T, K, D = args.num_envs, args.segment_len, args.chunk_len, len(USED_DIMS)
+    start, env_steps, outcomes, wrong, slots = time.time(), 0, [], [], []
     for update in range(1, args.updates + 1):
         obs = torch.zeros(N, T, obs_dim)
         tokens = torch.zeros(N, T, K, D, dtype=torch.long)
@@ -154,6 +225,7 @@ def main() -> None:
         rewards, values, trunc_values = torch.zeros(N, T), torch.zeros(N, T), torch.zeros(N, T)
         terminated, truncated = torch.zeros(N, T, dtype=torch.bool), torch.zeros(N, T, dtype=torch.bool)
         steps_run = torch.zeros(N, T, dtype=torch.long)
+        grasped = torch.full((N, T), -1, dtype=torch.long)
         for t in range(T):
             x = torch.from_numpy(np.stack([observe(env, args.obs) for env in envs]))
             with torch.no_grad():
@@ -166,11 +238,15 @@ def main() -> None:
                 _, reward, term, trunc, info = env.step_chunk(to_env_actions(sampled[i], args.num_bins))
                 env_steps += info["env_steps"]
                 rewards[i, t], terminated[i, t], truncated[i, t], steps_run[i, t] = reward, term, trunc, info["env_steps"]
+                grasped[i, t] = info.get("grasped", -1)
                 if trunc:  # the time limit is not part of the task: bootstrap from the final state
                     with torch.no_grad():
                         trunc_values[i, t] = policy(torch.from_numpy(observe(env, args.obs))[None])[1][0]
                 if term or trunc:
-                    outcomes.append(float(term))
+                    outcomes.append(float(info["success"]))
+                    wrong.append(float(term and not info["success"]))
+                    if term:  # the corner (slot) of the grasped object
+                        slots.append(int(np.linalg.norm(SLOTS - env.object_xy[info["grasped"]], axis=1).argmin()))
                     env.reset()
         with torch.no_grad():
             bootstrap = policy(torch.from_numpy(np.stack([observe(env, args.obs) for env in envs])))[1]
@@ -178,8 +254,12 @@ def main() -> None:
         advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
         ran = (torch.arange(K)[None, None] < steps_run[..., None]).float()[..., None].expand(-1, -1, K, D)
         flat = [z.reshape(N * T, *z.shape[2:]) for z in (obs, tokens, behaviour_logp, advantages, returns, ran)]
+        if args.hindsight:
+            extra = hindsight_rows(policy, obs, tokens, behaviour_logp, ran, grasped, terminated, truncated)
+            if extra is not None:
+                flat = [torch.cat([a, b]) for a, b in zip(flat, extra)]
         for _ in range(args.update_epochs):
-            for idx in torch.randperm(N * T).chunk(args.num_minibatches):
+            for idx in torch.randperm(len(flat[0])).chunk(args.num_minibatches):
                 x, tok, old_logp, adv, ret, mask = (z[idx] for z in flat)
                 logits, value = policy(x)
                 log_probs = logits.log_softmax(-1)
@@ -194,7 +274,9 @@ def main() -> None:
                 optimizer.step()
         if update % args.eval_every == 0 or update == args.updates:
             print(f"update {update} env_steps {env_steps} wall_s {time.time() - start:.0f} train_success "
-                  f"{np.mean(outcomes[-200:]):.2f} entropy {entropy.item():.2f} greedy_success "
+                  f"{np.mean(outcomes[-200:]):.2f} wrong_grasp {np.mean(wrong[-200:]):.2f} top_slot_share "
+                  f"{np.bincount(slots[-200:], minlength=4).max() / max(len(slots[-200:]), 1):.2f} "
+                  f"entropy {entropy.item():.2f} greedy_success "
                   f"{greedy_success(policy, args, make):.2f}", flush=True)
 
 
