@@ -26,7 +26,9 @@ observation *before* each action, so the success frame itself is never recorded,
 classifier would judge the denoiser's least reliable output (the imagined frame) instead of the context.
 The end signal is the paper's argmax: success probability >= `end_threshold`. Imagined reward =
 p(t) - p(t-1) with p = 0 at the start (a real episode never starts in success): potential-based, so an
-episode's return telescopes to p_end (reference.md section 5).
+episode's return telescopes to p_end (reference.md section 5). Only success ends an imagined episode: an env's
+failure terminations (tabletop2d's wrong grasp) are not modelled, so after one the imagined episode goes on,
+in frames the model never saw (a real episode stops there); an end-of-episode head would be the fix.
 
 Who sends what to whom when the world model is served (queues carry slot indices, data live in
 `ImaginationSlots`, shared memory):

@@ -2,10 +2,10 @@
 # 500 updates or 470 s each. On a 16-core machine, from the repo root: OUT=<dir> bash benchmarks/rl_probe_sweep.sh
 # (the pip line installs tyro from a carried .bundle where the machine lacks it; harmless elsewhere).
 set -u; mkdir -p "$OUT"
-[ -d .bundle ] && pip install -q --no-index --no-deps --target /tmp/py .bundle/tyro-*.whl .bundle/docstring_parser-*.whl .bundle/typeguard-*.whl .bundle/extra/typing_extensions-*.whl >/dev/null 2>&1
+[ -d .bundle ] && pip install -q --no-index --no-deps --target /tmp/py .bundle/tyro-*.whl \
+    .bundle/docstring_parser-*.whl .bundle/typeguard-*.whl .bundle/extra/typing_extensions-*.whl >/dev/null 2>&1
 export PYTHONPATH=/tmp/py:$PWD OMP_NUM_THREADS=1
 P="timeout 470 python benchmarks/rl_probe.py --obs objects --eval-every 25 --updates 500"
-i=0
 while read -r name flags; do
   $P $flags > $OUT/$name.log 2>&1 &
 done <<'LIST'

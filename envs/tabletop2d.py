@@ -15,12 +15,11 @@ reward 1.0 and terminated. Closing it there on another object is a wrong grasp: 
 Every other step gives 0. proprio = [x, y, gripper (1.0 closed, 0.0 open)]. info["grasped"] names the
 object under the closed gripper (-1: none).
 
-Tuning (benchmarks/env_speed.py, 2,000 episodes, default options): uniformly random actions succeed in
-~4.5 % of episodes (a weak but real RL signal; ~9 % with layout "free"), a policy that goes to a random
-object in ~1/K, the blind `sweep_chunk` in ~1/K, `expert_chunk` in 100 %, within 4-8 env steps (one
-chunk of 8) of the 64 allowed. A
-longer direct route at the same random success rate would need a much longer episode: a random walk
-covers distance ~ max_delta * sqrt(steps), a direct route ~ max_delta * steps.
+Tuning (benchmarks/env_speed.py, 1,000-2,000 episodes, default options): uniformly random actions succeed
+in ~4-4.5 % of episodes (a weak but real RL signal; ~9 % with layout "free"), a policy that goes to a random
+object in ~1/K, the blind `sweep_chunk` in ~1/K, `expert_chunk` in 100 %, within 4-8 env steps (one chunk of
+8) of the 64 allowed. A longer direct route at the same random success rate would need a much longer
+episode: a random walk covers distance ~ max_delta * sqrt(steps), a direct route ~ max_delta * steps.
 """
 
 from __future__ import annotations
