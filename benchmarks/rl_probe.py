@@ -2,6 +2,9 @@
 
     python benchmarks/rl_probe.py --obs relative --num-minibatches 16     # privileged: target - EE given
     python benchmarks/rl_probe.py --obs objects --ent-coef 0.01           # privileged: every object + task
+    python benchmarks/rl_probe.py --obs objects --trunk relu --lr 1e-3 --ent-coef 0.01 --updates 500
+                                               # learns the grounding from scratch (~1 M env steps, docs/RESULTS.md)
+    python benchmarks/rl_probe.py --obs objects --trunk relu --lr 1e-3 --bc-steps 400   # the same net on labels
     python benchmarks/rl_probe.py --obs pixels                            # a small CNN on the 128 px image
 
 One process, synchronous PPO-style loop: `--num-envs` tabletop2d envs step `--segment-len` chunks per update
