@@ -55,7 +55,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaModel, ResNetConfig, ResNetModel, SiglipVisionConfig, SiglipVisionModel
 
 Layout = Literal["per_step", "per_dim"]
 ValuePooling = Literal["actions", "prompt"]
@@ -681,6 +680,10 @@ class VLAPolicy(nn.Module):
         # (No measurable effect on this model at init.)
         torch.set_flush_denormal(True)
         self.tokenizer = InstructionTokenizer(cfg.num_bins)
+        # imported here, not at the top: env and eval workers import this module for the tokenizer only, and
+        # transformers 5 costs each of them ~4 s of start-up on 2 cores
+        from transformers import (LlamaConfig, LlamaModel, ResNetConfig, ResNetModel, SiglipVisionConfig,
+                                  SiglipVisionModel)
 
         vision_config = SiglipVisionConfig(
             hidden_size=cfg.vision_hidden, intermediate_size=cfg.vision_mlp, num_hidden_layers=cfg.vision_layers,
