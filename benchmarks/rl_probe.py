@@ -119,39 +119,6 @@ def greedy_success(policy: ProbePolicy, args, make) -> float:
     return successes / args.eval_episodes
 
 
-def hindsight_rows(policy, obs, tokens, behaviour_logp, ran, grasped, terminated, truncated):
-    """Rows of every episode in the segment that ended by grasping another object j than the instructed
-    one, relabelled as task j (a success there): its chunk steps with the task one-hot set to j, reward 1 at
-    the grasp. Advantages: return minus the current critic's value, normalised with the segment's."""
-    rows, rewards_list = [], []
-    N, T = grasped.shape
-    for i in range(N):
-        start = 0
-        for t in range(T):
-            if terminated[i, t] and grasped[i, t] >= 0:
-                task = int(obs[i, t, -NUM_TASKS:].argmax())
-                if grasped[i, t] != task:
-                    rows.append((i, start, t + 1, int(grasped[i, t])))
-            if terminated[i, t] or truncated[i, t]:
-                start = t + 1
-    if not rows:
-        return None
-    out = [[] for _ in range(6)]
-    for i, a, b, j in rows:
-        x = obs[i, a:b].clone()
-        x[:, -NUM_TASKS:] = 0
-        x[:, -NUM_TASKS + j] = 1
-        steps = b - a
-        ret = torch.tensor([0.99 ** (steps - 1 - k) for k in range(steps)])
-        with torch.no_grad():
-            value = policy(x)[1]
-        for z, v in zip(out, (x, tokens[i, a:b], behaviour_logp[i, a:b], ret - value, ret, ran[i, a:b])):
-            z.append(v)
-    out = [torch.cat(z) for z in out]
-    out[3] = (out[3] - out[3].mean()) / (out[3].std() + 1e-8) if len(out[3]) > 1 else out[3]
-    return out
-
-
 def behaviour_cloning(policy: ProbePolicy, optimizer, args, make) -> None:
     """`--bc-steps`: the same policy and head trained by cross-entropy on the scripted expert's chunks (noise
     0.1) from fresh episodes' first states, a batch of `--num-envs` x 4: what the network can learn from
@@ -199,8 +166,6 @@ def main() -> None:
                         help="state trunk: tanh 128-256 or relu 256-256 (relative and objects only)")
     parser.add_argument("--bc-steps", type=int, default=0,
                         help="instead of RL: this many behaviour-cloning steps on the scripted expert (labels)")
-    parser.add_argument("--hindsight", action="store_true",
-                        help="also train on each wrong-grasp episode relabelled with the grasped object's task")
     args = parser.parse_args()
     options = json.loads(args.env_options)
     torch.manual_seed(args.seed)
@@ -228,7 +193,6 @@ def main() -> None:
         rewards, values, trunc_values = torch.zeros(N, T), torch.zeros(N, T), torch.zeros(N, T)
         terminated, truncated = torch.zeros(N, T, dtype=torch.bool), torch.zeros(N, T, dtype=torch.bool)
         steps_run = torch.zeros(N, T, dtype=torch.long)
-        grasped = torch.full((N, T), -1, dtype=torch.long)
         for t in range(T):
             x = torch.from_numpy(np.stack([observe(env, args.obs) for env in envs]))
             with torch.no_grad():
@@ -241,7 +205,6 @@ def main() -> None:
                 _, reward, term, trunc, info = env.step_chunk(to_env_actions(sampled[i], args.num_bins))
                 env_steps += info["env_steps"]
                 rewards[i, t], terminated[i, t], truncated[i, t], steps_run[i, t] = reward, term, trunc, info["env_steps"]
-                grasped[i, t] = info.get("grasped", -1)
                 if trunc:  # the time limit is not part of the task: bootstrap from the final state
                     with torch.no_grad():
                         trunc_values[i, t] = policy(torch.from_numpy(observe(env, args.obs))[None])[1][0]
@@ -257,12 +220,8 @@ def main() -> None:
         advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
         ran = (torch.arange(K)[None, None] < steps_run[..., None]).float()[..., None].expand(-1, -1, K, D)
         flat = [z.reshape(N * T, *z.shape[2:]) for z in (obs, tokens, behaviour_logp, advantages, returns, ran)]
-        if args.hindsight:
-            extra = hindsight_rows(policy, obs, tokens, behaviour_logp, ran, grasped, terminated, truncated)
-            if extra is not None:
-                flat = [torch.cat([a, b]) for a, b in zip(flat, extra)]
         for _ in range(args.update_epochs):
-            for idx in torch.randperm(len(flat[0])).chunk(args.num_minibatches):
+            for idx in torch.randperm(N * T).chunk(args.num_minibatches):
                 x, tok, old_logp, adv, ret, mask = (z[idx] for z in flat)
                 logits, value = policy(x)
                 log_probs = logits.log_softmax(-1)

@@ -114,8 +114,6 @@ def main() -> int:
     checkpoint = args.checkpoint
     if checkpoint is None:
         train_data = args.train_data or [str(ensure_data(root / name, args.episodes, 1, size, args.task))]
-    test_data = args.test_data or [str(ensure_data(root / f"{name}_test", 10, 2, size, args.task))]
-    if checkpoint is None:
         run_dir = args.run_dir or f"runs/wm_quality__{int(time.time())}"
         summary = train(Train(data=tuple(train_data), task=args.task, run_dir=run_dir, threads=args.threads,
                               device=args.device,
@@ -123,6 +121,7 @@ def main() -> int:
                               total_updates=10**9, batch_size=args.batch_size, lr=args.lr, warmup_updates=50,
                               eval_windows=64, log_every_updates=50))
         checkpoint = summary["world_model"]
+    test_data = args.test_data or [str(ensure_data(root / f"{name}_test", 10, 2, size, args.task))]
     model = WorldModel.load(checkpoint, resolve_device(args.device))
     episodes = read_episodes(tuple(test_data), model.cfg.image_size)
     if not episodes:
