@@ -2167,6 +2167,11 @@ class Run:
             self._drain_stats(timeout=0.05)
         self.shared.stop.set()
         while time.time() < deadline and any(p.is_alive() for p in self.procs.values()):
+            # a process still building its role (importing, loading a policy) holds nothing to save: a run
+            # stopped during start-up (a crashed env, Ctrl-C) need not wait until it is ready to stop
+            for name, p in self.procs.items():
+                if p.is_alive() and not self.shared.heartbeats.started(name):
+                    p.terminate()
             self._drain_stats(timeout=0.05)
         for name, p in self.procs.items():
             if p.is_alive():

@@ -254,7 +254,8 @@ class Heartbeats:
 
     def __init__(self, names: list[str], share: bool = True):
         self.names = list(names)
-        self.beats = torch.full((len(names),), time.time(), dtype=torch.float64)
+        self.created = time.time()
+        self.beats = torch.zeros(len(names), dtype=torch.float64)  # 0: not stepped yet (still starting)
         if share:
             self.beats.share_memory_()
 
@@ -262,8 +263,13 @@ class Heartbeats:
         self.beats[self.names.index(name)] = time.time()
 
     def silent_for(self) -> dict[str, float]:
+        """Seconds since each process's last beat (since these heartbeats were made, if it never beat)."""
         now = time.time()
-        return {n: now - float(b) for n, b in zip(self.names, self.beats.tolist())}
+        return {n: now - max(float(b), self.created) for n, b in zip(self.names, self.beats.tolist())}
+
+    def started(self, name: str) -> bool:
+        """Whether the process has finished building its role and stepped it once."""
+        return float(self.beats[self.names.index(name)]) > 0
 
 
 class TimedGet:

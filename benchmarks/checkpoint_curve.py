@@ -11,31 +11,34 @@ point at 0 env steps. Evaluating afterwards, with every core, is faster and clea
 inside a run (they share cores and the GPU with training and mix policy versions). The task, cameras and env
 options are the run's own. Time is the learner's seconds since it started (a resumed run continues the count).
 OPTS: more accerl.py options for every evaluation (e.g. --mode serial). Prints a table and one JSON line.
+The evaluations run in this process one after the other (torch and transformers are imported once).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 
 def evaluate(run: Path, name: str, source: list[str], env: dict, args) -> dict:
     out = run / "eval" / name
     if not (out / "eval_results.json").is_file():
-        cmd = [sys.executable, str(ROOT / "accerl.py"), "--eval-only", *source, "--task", env["task"],
+        import accerl
+
+        cmd = ["--eval-only", *source, "--task", env["task"],
                "--env-options", json.dumps(json.loads(env.get("env_options") or "{}")),
                "--num-eval-workers", str(args.eval_workers), "--eval-episodes-per-task", str(args.episodes_per_task),
                "--seed", str(args.seed), "--run-dir", str(out),
                *(["--wrist-camera"] if env.get("wrist_camera") else []), *args.extra]
-        print("# " + " ".join(cmd), flush=True)
-        result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise SystemExit(f"checkpoint_curve: evaluating {name} failed:\n{result.stderr[-3000:]}")
+        print("# accerl.py " + " ".join(cmd), flush=True)
+        code = accerl.main(accerl.cli_with_preset(accerl.Args, cmd))
+        if code != 0:
+            raise SystemExit(f"checkpoint_curve: evaluating {name} failed (exit code {code}; its log is above)")
     return json.loads((out / "eval_results.json").read_text())
 
 

@@ -737,28 +737,20 @@ def run_in_process(args):
 
 
 def test_accerl_serial_entry_script_trains_the_oft_checkpoint(mini_tabletop, tmp_path):
-    """`python accerl.py --mode serial --policy.backend openvla-oft ...` end to end: it trains (updates > 0),
-    evaluates and writes summary.json; checkpoints hold the trainable tensors only. (The miniature's remote code
-    imports timm: a stub package at the GPU image's version, as the `fake_timm` fixture.)"""
-    import os
-    import subprocess
-    from pathlib import Path
-
+    """The entry script's command line `accerl.py --mode serial --policy.backend openvla-oft ...`, parsed and run
+    in this process (its main(), as `python accerl.py` does): it trains (updates > 0), evaluates and writes
+    summary.json; checkpoints hold the trainable tensors only. (The miniature's remote code imports timm: the
+    `fake_timm` stub, active through mini_tabletop.)"""
+    import accerl
     import checkpoint as ckpt
 
-    root = Path(__file__).resolve().parents[1]
-    (tmp_path / "stub" / "timm").mkdir(parents=True)
-    (tmp_path / "stub" / "timm" / "__init__.py").write_text('__version__ = "1.0.29"\n')
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path / "stub"),
-                                                                     os.environ.get("PYTHONPATH")])))
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, str(root / "accerl.py"), "--mode", "serial", "--run-dir", str(run_dir),
-           "--policy.backend", "openvla-oft", "--policy.checkpoint", str(mini_tabletop), "--policy.trust-remote-code",
-           "--policy.image-size", "32", "--num-env-workers", "1", "--envs-per-worker", "2", "--segment-len", "8",
-           "--segments-per-update", "2", "--total-env-steps", "300", "--eval-every-updates", "0",
-           "--final-eval-episodes", "2", "--log-every-s", "1000"]
-    result = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
+    argv = ["--mode", "serial", "--run-dir", str(run_dir),
+            "--policy.backend", "openvla-oft", "--policy.checkpoint", str(mini_tabletop), "--policy.trust-remote-code",
+            "--policy.image-size", "32", "--num-env-workers", "1", "--envs-per-worker", "2", "--segment-len", "8",
+            "--segments-per-update", "2", "--total-env-steps", "300", "--eval-every-updates", "0",
+            "--final-eval-episodes", "2", "--log-every-s", "1000"]
+    assert accerl.main(accerl.cli_with_preset(accerl.Args, argv)) == 0
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["exit_code"] == 0 and summary["updates"] >= 2 and summary["global_env_step"] >= 300
     assert summary["final_eval"]["episodes"] == 2

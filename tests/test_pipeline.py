@@ -15,7 +15,7 @@ import torch
 
 import checkpoint as ckpt
 from accerl import Args, EnvArgs, ExperimentArgs, Learner, Run, WorkersArgs, derive_and_check
-from pipeline import WeightBroadcast, interrupt_on_stop_signals
+from pipeline import Heartbeats, WeightBroadcast, interrupt_on_stop_signals
 from vla_policy import PolicyConfig
 
 TINY_POLICY = dict(image_size=32, patch_size=8, vision_hidden=32, vision_layers=1, vision_heads=1, vision_mlp=64,
@@ -331,3 +331,15 @@ def test_stop_signals_interrupt_a_training_loop_even_where_sigint_was_ignored(si
     finally:
         for s, handler in before.items():
             signal.signal(s, handler)
+
+
+def test_heartbeats_tell_a_starting_process_from_a_silent_one():
+    """Before its first beat a process counts as starting (the shutdown need not wait for it) and its silence
+    counts from the heartbeats' creation; after it, from the last beat."""
+    beats = Heartbeats(["env_worker_0", "learner"], share=False)
+    beats.created -= 50.0  # made 50 s ago
+    assert not beats.started("learner") and beats.silent_for()["learner"] >= 50.0
+    beats.beat("learner")
+    assert beats.started("learner") and not beats.started("env_worker_0")
+    silent = beats.silent_for()
+    assert silent["learner"] < 1.0 and silent["env_worker_0"] >= 50.0
