@@ -905,7 +905,7 @@ class EnvWorker:
         self.sim_s += time.perf_counter() - start
         seg = e.segment
         if record:
-            self._record_steps(i, row, actions, info)
+            self._record_steps(i, row, actions, info, bool(terminated))
         storage.reward[seg, row] = reward
         storage.terminated[seg, row] = bool(terminated)
         storage.truncated[seg, row] = bool(truncated)
@@ -934,16 +934,18 @@ class EnvWorker:
         else:
             self._request(i, (row + 1,))
 
-    def _record_steps(self, i: int, row: int, actions: np.ndarray, info: dict) -> None:
+    def _record_steps(self, i: int, row: int, actions: np.ndarray, info: dict, terminated: bool) -> None:
         """Every executed step into the replay: the frame and proprio before the action (the chunk's first
-        from its storage row, the others from info), the action, and whether success followed it."""
+        from its storage row, the others from info), the action, and whether success (and the episode's
+        termination, for any reason) followed it."""
         e, storage, replay = self.envs[i], self.shared.storage, self.shared.replay
         n = info["env_steps"]
         frames = [storage.images[e.segment, row, 0].numpy(), *info["frames"][:n - 1]]
         proprio = [storage.proprio[e.segment, row, :self.spec.proprio_dim].numpy(), *info["proprio"][:n - 1]]
         for j in range(n):
+            last = j == n - 1
             replay.add(self.source.replay_envs_from + i, frames[j], actions[j], e.task_id, e.episode_env_steps + j,
-                       bool(info["success"]) and j == n - 1, proprio[j])
+                       bool(info["success"]) and last, proprio[j], terminated=terminated and last)
 
     def _restart_env(self, i: int, row: int, tb: str) -> None:
         e, storage = self.envs[i], self.shared.storage

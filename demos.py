@@ -130,10 +130,13 @@ class DemoWriter:
 
     def add_episode(self, images: np.ndarray, actions: np.ndarray, proprio: np.ndarray, success: bool,
                     wrist_images: np.ndarray | None = None, states: np.ndarray | None = None,
-                    robot_obs: dict[str, np.ndarray] | None = None) -> int:
+                    robot_obs: dict[str, np.ndarray] | None = None, terminated: bool | None = None) -> int:
         """Append one episode; returns its demo index. Row t of every array is step t: the observation
         before action t, and action t (normalised, (T, 7)). `robot_obs` adds LIBERO's low-dim obs keys
-        (ee_pos, ee_ori, gripper_states, joint_states) for tools that read them."""
+        (ee_pos, ee_ori, gripper_states, joint_states) for tools that read them. `terminated`: the env ended
+        the episode after its last action (success or a failure such as tabletop2d's wrong grasp), rather
+        than the time limit (default: success); stored as attribute "terminated" (ours; LIBERO's files have
+        none, their episodes end on success)."""
         images = np.asarray(images)
         actions = np.asarray(actions, dtype=np.float64)
         proprio = np.asarray(proprio, dtype=np.float32)
@@ -173,6 +176,7 @@ class DemoWriter:
             demo.attrs["init_state"] = states[0]
         demo.attrs["num_samples"] = steps
         demo.attrs["success"] = bool(success)
+        demo.attrs["terminated"] = bool(success if terminated is None else terminated)
         self.num_demos += 1
         self.total += steps
         return self.num_demos - 1
@@ -302,6 +306,7 @@ def read_demos(path: str | Path, *, image_orientation: Literal["camera", "openvl
     Returns one dict per episode, step t = (observation before action t, action t):
         "images" uint8 (T, H, W, 3); "wrist_images" uint8 (T, H, W, 3) or None; "actions" float32 (T, 7),
         normalised; "proprio" float32 (T, P); "instruction" str; "success" bool; "task_id" int or None;
+        "terminated" bool (the env ended it: success or a failure; files without the attribute: success);
         "source" "<file>:<demo>".
     `image_orientation`: None = the orientation of the env that recorded the file ("openvla" for the
     official files: the LIBERO adapter's default), "camera" / "openvla" as in `ImageOrientation`, "stored"
@@ -376,7 +381,7 @@ def _read_file(file: Path, f: h5py.File, image_orientation, image_size, action_s
             episode[key] = np.ascontiguousarray(images)
         episode.update(actions=actions[shift:].astype(np.float32), proprio=_proprio(demo, obs)[:steps],
                        instruction=instruction, success=success, task_id=meta.get("task_id"),
-                       source=f"{file}:{name}")
+                       terminated=bool(demo.attrs.get("terminated", success)), source=f"{file}:{name}")
         episodes.append(episode)
     return episodes
 
@@ -509,6 +514,7 @@ def run_expert_episode(env, task_id: int, env_seed: int, noise_seed: int, chunk_
                 break
     episode = {key: np.stack(value) for key, value in record.items() if value}
     episode["success"] = bool(info["success"])
+    episode["terminated"] = bool(terminated)
     return episode
 
 
@@ -535,7 +541,7 @@ def _collect_job(cfg: Collect, task_id: int, first: int, count: int, shard: str)
                     robot_obs = {"ee_pos": ee_pos, "gripper_states": proprio[:, 2:3]}
                 writer.add_episode(episode["images"], episode["actions"], proprio, episode["success"],
                                    wrist_images=episode.get("wrist_images"), states=episode["states"],
-                                   robot_obs=robot_obs)
+                                   robot_obs=robot_obs, terminated=episode["terminated"])
     env.close()
     return {"task_id": task_id, "first": first, "shard": shard, "successes": successes, "lengths": lengths}
 

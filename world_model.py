@@ -24,24 +24,28 @@ task) it gives the probability that the state after action a_t is a success. The
 at a frame; ours looks at the transition because the demonstration layout (demos.py, LIBERO's) stores the
 observation *before* each action, so the success frame itself is never recorded, and because a frame
 classifier would judge the denoiser's least reliable output (the imagined frame) instead of the context.
-The end signal is the paper's argmax: success probability >= `end_threshold`. Imagined reward =
-p(t) - p(t-1) with p = 0 at the start (a real episode never starts in success): potential-based, so an
-episode's return telescopes to p_end (reference.md section 5). Only success ends an imagined episode: an env's
-failure terminations (tabletop2d's wrong grasp) are not modelled, so after one the imagined episode goes on,
-in frames the model never saw (a real episode stops there); an end-of-episode head would be the fix.
+Its second output is the end of the episode: the probability that the env terminated after a_t, for
+success or failure (tabletop2d's wrong grasp ends a real episode with reward 0; LIBERO's episodes end on
+success only, where the two outputs learn the same label). An imagined episode terminates when either
+probability reaches `end_threshold` (the paper's argmax on success); without the end output (`end_head`
+False, as world models saved before it) an imagined episode went on after a wrong grasp, in frames the
+model never saw. Imagined reward = p(t) - p(t-1) of the success probability, with p = 0 at the start (a
+real episode never starts in success): potential-based, so an episode's return telescopes to p_end
+(reference.md section 5).
 
 Who sends what to whom when the world model is served (queues carry slot indices, data live in
 `ImaginationSlots`, shared memory):
 
     ImaginedEnv (ServedWorldModel client c, slot s) --(c, s)--> wm_requests --> world_model
-    ImaginedEnv <--s-- wm_replies[c] <-- world_model                 (frames, success probs in the slot)
+    ImaginedEnv <--s-- wm_replies[c] <-- world_model      (frames, success and end probs in the slot)
     trainer --weights + version (WeightBroadcast seqlock)--> world_model
 
 Metric tags (all written by the one process that owns the writer): `wm/denoiser_loss`, `wm/reward_loss`,
-`wm/loss`, `wm/grad_norm`, `wm/lr`, `wm/reward_train_accuracy`, `perf/wm_samples_per_s` while training;
+`wm/loss`, `wm/grad_norm`, `wm/lr`, `wm/reward_train_accuracy`, `wm/end_loss`, `perf/wm_samples_per_s` while training;
 `wm/next_frame_psnr`, `wm/next_frame_ssim`, `wm/open_loop_psnr_h<h>`, `wm/copy_last_psnr_h<h>` (the
 baseline that repeats the last real frame), `wm/reward_accuracy`, `wm/reward_balanced_accuracy`,
-`wm/reward_ece`, `wm/reward_auroc`, `wm/reward_brier`, `wm/reward_auroc_imagined` and the image
+`wm/reward_ece`, `wm/reward_auroc`, `wm/reward_brier`, `wm/reward_auroc_imagined`, `wm/end_accuracy`,
+`wm/end_auroc` (the end output on real contexts) and the image
 `wm/open_loop_strip` (rows = steps: real | imagined | difference) at evaluation.
 """
 
@@ -125,7 +129,11 @@ class WorldModelConfig:
     """Focal loss gamma of the reward model (the paper uses a focal loss; 0 = plain cross-entropy, which
     keeps the success probability calibrated, and calibration is what a potential-based reward needs)."""
     end_threshold: float = 0.5
-    """Success probability at or above which the imagined episode terminates (the paper's argmax)."""
+    """Success (or end) probability at or above which the imagined episode terminates (the paper's argmax)."""
+    end_head: bool = True
+    """The reward model also predicts the end of the episode (any termination: success or failure), and the
+    imagined episode ends on it too. False: only success ends one (world models saved before this option,
+    whose config.json lacks it, load that way)."""
     instructions: tuple[str, ...] = ()
     """Derived: the task instructions in task-id order (rows of the reward model's task embedding),
     from the env family the model is trained for."""
@@ -339,9 +347,10 @@ class Denoiser(nn.Module):
 
 
 class RewardModel(nn.Module):
-    """Transition classifier: P(success after action a_t | frames o_{t-K+1..t}, actions a_{t-K+1..t}, task).
-    A CNN over the stacked frames with AdaGN conditioning on actions and task, then an MLP on a 4x4 pooled
-    map (pooled, not averaged away: success depends on where the end effector is relative to the target)."""
+    """Transition classifier: P(success after action a_t | frames o_{t-K+1..t}, actions a_{t-K+1..t}, task)
+    and (`end_head`) P(the episode ends after a_t). A CNN over the stacked frames with AdaGN conditioning on
+    actions and task, then an MLP on a 4x4 pooled map (pooled, not averaged away: success depends on where
+    the end effector is relative to the target)."""
 
     def __init__(self, cfg: WorldModelConfig):
         super().__init__()
@@ -359,30 +368,47 @@ class RewardModel(nn.Module):
                                               "block": ResBlock(c, c, cfg.cond_dim)}))
             width = c
         self.norm_out = nn.GroupNorm(_groups(width), width)
-        self.head = nn.Sequential(nn.Linear(width * 16, cfg.reward_hidden), nn.SiLU(), nn.Linear(cfg.reward_hidden, 1))
+        outputs = 2 if cfg.end_head else 1
+        self.head = nn.Sequential(nn.Linear(width * 16, cfg.reward_hidden), nn.SiLU(),
+                                  nn.Linear(cfg.reward_hidden, outputs))
 
-    def logit(self, context: torch.Tensor, actions: torch.Tensor, task_id: torch.Tensor) -> torch.Tensor:
-        """context (B, K, 3, H, W) in [-1, 1], actions (B, K, A), task_id (B,) -> success logit (B,)."""
+    def logits(self, context: torch.Tensor, actions: torch.Tensor, task_id: torch.Tensor) -> torch.Tensor:
+        """context (B, K, 3, H, W) in [-1, 1], actions (B, K, A), task_id (B,) -> logits (B, 2): success, end
+        (without the end head, (B, 1): success only)."""
         cond = self.cond_mlp(self.actions(actions) + self.task(task_id))
         h = self.conv_in(context.flatten(1, 2))
         for layer in self.blocks:
             h = layer["block"](layer["down"](h), cond)
         h = F.adaptive_avg_pool2d(F.silu(self.norm_out(h)), 4)
-        return self.head(h.flatten(1)).squeeze(1)
+        return self.head(h.flatten(1))
+
+    def probabilities(self, context: torch.Tensor, actions: torch.Tensor, task_id: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P(success), P(end)) (B,) each, float32; without the end head the end probability is success's."""
+        p = torch.sigmoid(self.logits(context, actions, task_id).float())
+        return p[:, 0], p[:, -1]
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         device = self.head[0].weight.device
-        logits = self.logit(frames_to_model(batch["frames"].to(device)), batch["actions"].to(device).float(),
-                            batch["task_id"].to(device))
+        logits = self.logits(frames_to_model(batch["frames"].to(device)), batch["actions"].to(device).float(),
+                             batch["task_id"].to(device))
         labels = batch["success"].to(device).float()
+        if self.cfg.end_head:
+            labels = torch.stack([labels, batch["terminated"].to(device).float()], dim=1)
+        else:
+            labels = labels[:, None]
         bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
         if self.cfg.reward_focal_gamma > 0:  # Lin et al. (2017): down-weight the easy (mostly negative) rows
             bce = (1 - torch.exp(-bce)) ** self.cfg.reward_focal_gamma * bce
         weight = batch.get("weight")  # importance weights of an oversampled batch (`SuccessSampler`)
-        loss = bce.mean() if weight is None else (bce * weight.to(device)).mean()
+        per_output = bce.mean(0) if weight is None else (bce * weight.to(device)[:, None]).mean(0)
+        loss = per_output.sum()
         with torch.no_grad():
-            accuracy = ((logits >= 0).float() == labels).float().mean().item()
-        return loss, {"wm/reward_loss": loss.item(), "wm/reward_train_accuracy": accuracy}
+            accuracy = ((logits[:, 0] >= 0).float() == labels[:, 0]).float().mean().item()
+        metrics = {"wm/reward_loss": per_output[0].item(), "wm/reward_train_accuracy": accuracy}
+        if self.cfg.end_head:
+            metrics["wm/end_loss"] = per_output[1].item()
+        return loss, metrics
 
 
 class WorldModel(nn.Module):
@@ -408,15 +434,16 @@ class WorldModel(nn.Module):
 
     @torch.no_grad()
     def imagine(self, frames: torch.Tensor, past_actions: torch.Tensor, actions: torch.Tensor,
-                task_id: torch.Tensor, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+                task_id: torch.Tensor, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Roll the model forward through a chunk of actions, batched.
 
         frames uint8 (B, K, H, W, 3): the last K frames, oldest first; past_actions (B, K-1, A): the actions
         taken at frames 0..K-2; actions (B, n, A): the new actions, the first taken at frames[:, -1];
         task_id (B,) in `cfg.instructions` order; seeds: one per row (the initial noise of row b comes from
         its own generator, so a row's result does not depend on what else is in the batch).
-        Returns the imagined frames uint8 (B, n, H, W, 3) and the success probabilities (B, n) of the
-        state after each action. Everything is computed for all n actions; the caller stops at an end.
+        Returns the imagined frames uint8 (B, n, H, W, 3), the success probabilities (B, n) of the state
+        after each action and the probabilities (B, n) that the episode ends after it (success's without the
+        end head). Everything is computed for all n actions; the caller stops at an end.
         """
         K, device = self.cfg.context_frames, self.device
         B, n = actions.shape[:2]
@@ -428,14 +455,15 @@ class WorldModel(nn.Module):
                              for s in seeds]).to(device)
         out_frames = torch.empty((B, n, H, H, 3), dtype=torch.uint8, device=device)
         out_success = torch.empty((B, n), dtype=torch.float32, device=device)
+        out_end = torch.empty((B, n), dtype=torch.float32, device=device)
         for j in range(n):
             window = all_actions[:, j:j + K]
-            out_success[:, j] = torch.sigmoid(self.reward.logit(context, window, task_id).float())
+            out_success[:, j], out_end[:, j] = self.reward.probabilities(context, window, task_id)
             frame = model_to_frames(self.denoiser.sample(context, window, noise[:, j]))
             out_frames[:, j] = frame
             # the next context holds the quantised frame, exactly what a camera would have given
             context = torch.cat([context[:, 1:], frames_to_model(frame)[:, None]], dim=1)
-        return out_frames, out_success
+        return out_frames, out_success, out_end
 
     # -- persistence ---------------------------------------------------------------------------------
     def save(self, directory: str | Path, extra: dict | None = None,
@@ -468,7 +496,9 @@ def load_config(directory: str | Path) -> WorldModelConfig:
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{directory} holds no {CONFIG_FILE} (a directory written by WorldModel.save)")
-    return WorldModelConfig(**json.loads(path.read_text()))
+    saved = json.loads(path.read_text())
+    saved.setdefault("end_head", False)  # saved before the end output existed: the weights have none
+    return WorldModelConfig(**saved)
 
 
 def load_optimizer_state(directory: str | Path, optimizer: torch.optim.Optimizer) -> bool:
@@ -510,8 +540,9 @@ def task_ids(episodes: list[dict], instructions: tuple[str, ...]) -> list[int]:
 class TransitionData:
     """Every step t of every episode as one transition: K context frames and actions (padded at the
     episode start: first frame repeated, zero actions), the next frame when the file has it (the last
-    step's successor frame is never recorded), the task, and the success label of the transition (1 at the
-    last step of a successful episode). Frames stay uint8 in memory."""
+    step's successor frame is never recorded), the task, the success label of the transition (1 at the
+    last step of a successful episode) and its end label (1 at the last step of an episode the env
+    terminated: episode["terminated"], success where a file does not say). Frames stay uint8 in memory."""
 
     def __init__(self, episodes: list[dict], instructions: tuple[str, ...], context_frames: int):
         if not episodes:
@@ -528,6 +559,8 @@ class TransitionData:
         success = torch.repeat_interleave(torch.tensor([bool(e["success"]) for e in episodes]), lengths)
         index = torch.arange(len(self.images))
         self.success = success & (index == self.end - 1)
+        ended = torch.tensor([bool(e.get("terminated", e["success"])) for e in episodes])
+        self.terminated = torch.repeat_interleave(ended, lengths) & (index == self.end - 1)
         self.has_next = index < self.end - 1
         self.episodes = [(int(e - n), int(e)) for e, n in zip(ends, lengths)]
         self.sources = [e.get("source", "") for e in episodes]
@@ -551,7 +584,8 @@ class TransitionData:
         next_idx = torch.where(self.has_next[index], index + 1, index)
         return {"frames": self.images[idx], "actions": self.action_window(index, -self.K + 1, self.K),
                 "next_frame": self.images[next_idx], "has_next": self.has_next[index],
-                "task_id": self.task[index], "success": self.success[index].float()}
+                "task_id": self.task[index], "success": self.success[index].float(),
+                "terminated": self.terminated[index].float()}
 
 
 class SuccessSampler:
@@ -608,13 +642,14 @@ class StepReplay(SharedTensors):
             "task_id": torch.zeros(E, C, dtype=torch.int64),
             "episode_step": torch.zeros(E, C, dtype=torch.int64),  # steps of the episode before this one
             "success": torch.zeros(E, C, dtype=torch.bool),  # the env reported success after this action
+            "terminated": torch.zeros(E, C, dtype=torch.bool),  # the env ended the episode after it (any reason)
             "written": torch.zeros(E, dtype=torch.int64),  # steps ever written per env (position of the next)
         }, share)
 
     def add(self, env: int, frame: np.ndarray, action: np.ndarray, task_id: int, episode_step: int,
-            success: bool, proprio: np.ndarray | None = None) -> None:
+            success: bool, proprio: np.ndarray | None = None, terminated: bool | None = None) -> None:
         """One executed step: the frame (and proprio) before the action, the action, and the env's success
-        flag after it."""
+        and termination flags after it (terminated defaults to success)."""
         position = int(self.written[env])
         slot = position % self.capacity
         self.frames[env, slot] = torch.from_numpy(np.asarray(frame))
@@ -622,6 +657,7 @@ class StepReplay(SharedTensors):
             self.proprio[env, slot] = torch.as_tensor(np.asarray(proprio), dtype=torch.float32)
         self.actions[env, slot] = torch.as_tensor(np.asarray(action), dtype=torch.float32)
         self.task_id[env, slot], self.episode_step[env, slot], self.success[env, slot] = task_id, episode_step, success
+        self.terminated[env, slot] = success if terminated is None else terminated
         self.written[env] = position + 1  # last: a reader never treats a half-written slot as written
 
     def __len__(self) -> int:
@@ -642,7 +678,8 @@ class StepReplay(SharedTensors):
         return {"frames": self.frames[envs, context], "actions": self.actions[envs, context] * inside[..., None],
                 "next_frame": self.frames[env, torch.where(has_next, following, position % C)],
                 "has_next": has_next, "task_id": self.task_id[env, position % C],
-                "success": self.success[env, position % C].float()}
+                "success": self.success[env, position % C].float(),
+                "terminated": self.terminated[env, position % C].float()}
 
     def sample(self, batch_size: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Uniform over the stored steps whose context is still in the ring (the oldest K + 2 slots of a full
@@ -696,9 +733,9 @@ class WorldModelClient(Protocol):
     config: WorldModelConfig
 
     def imagine(self, frames: np.ndarray, past_actions: np.ndarray, actions: np.ndarray, task_id: int,
-                seed: int) -> tuple[np.ndarray, np.ndarray]:
+                seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """frames uint8 (K, H, W, 3), past_actions (K-1, A), actions (n, A), task_id in config.instructions
-        order -> imagined frames uint8 (n, H, W, 3), success probabilities float32 (n,)."""
+        order -> imagined frames uint8 (n, H, W, 3), success and end probabilities float32 (n,) each."""
         ...
 
 
@@ -715,10 +752,10 @@ class LocalWorldModel:
         if self.weights is not None and self.weights.published_version() > self.version:
             version = self.weights.read_into(self.params)
             self.version = self.version if version is None else version
-        out_frames, out_success = self.model.imagine(
+        out = self.model.imagine(
             torch.from_numpy(np.asarray(frames))[None], torch.as_tensor(np.asarray(past_actions), dtype=torch.float32)[None],
             torch.as_tensor(np.asarray(actions), dtype=torch.float32)[None], torch.tensor([task_id]), [seed])
-        return out_frames[0].cpu().numpy(), out_success[0].cpu().numpy()
+        return tuple(x[0].cpu().numpy() for x in out)
 
 
 @dataclass
@@ -814,7 +851,8 @@ class ImaginedEnv(TaskEnv):
 
     reset() takes a real start context from `contexts` (the task is chosen uniformly when not given);
     each action then imagines the next frame; the reward is the change of the success probability;
-    `terminated` when it reaches `end_threshold` (info["success"] then True), `truncated` after
+    `terminated` when it or the end probability reaches `end_threshold` (info["success"] True when the
+    success probability did), `truncated` after
     `horizon_env_steps` imagined steps or when the real episode's own time limit would be hit.
     obs["proprio"] holds the start context's real proprio (the world model does not predict proprio; no
     policy of this project reads it, reference.md section 3). Seeded: the same seed, context and actions
@@ -880,15 +918,16 @@ class ImaginedEnv(TaskEnv):
         if actions.ndim != 2 or len(actions) == 0 or actions.shape[1] != self.spec.action_dim:
             raise ValueError(f"ImaginedEnv step_chunk expects (chunk_len >= 1, {self.spec.action_dim}) actions, "
                              f"got {actions.shape}")
-        frames, success = self.world_model.imagine(self.frames, self.past_actions, actions,
-                                                   self.model_task[self.task_id], int(self.rng.integers(2**63)))
-        reward, terminated, truncated = 0.0, False, False
+        frames, success, end = self.world_model.imagine(self.frames, self.past_actions, actions,
+                                                        self.model_task[self.task_id], int(self.rng.integers(2**63)))
+        reward, succeeded, terminated, truncated = 0.0, False, False, False
         for j in range(len(actions)):
             p = float(success[j])
             reward += p - self.success_prob  # potential-based (reference.md section 5)
             self.success_prob = p
             self.env_steps += 1
-            terminated = p >= self.end_threshold
+            succeeded = p >= self.end_threshold
+            terminated = succeeded or float(end[j]) >= self.end_threshold  # a success, or a failure that ends it
             truncated = not terminated and self.env_steps >= self.limit
             if terminated or truncated:
                 break
@@ -897,7 +936,7 @@ class ImaginedEnv(TaskEnv):
         if self.K > 1:
             self.past_actions = np.concatenate([self.past_actions, actions[:executed]])[-(self.K - 1):]
         self._episode_over = terminated or truncated
-        info = {"success": bool(terminated), "task_id": self.task_id, "env_steps": executed}
+        info = {"success": succeeded, "task_id": self.task_id, "env_steps": executed}
         if record:
             info["frames"] = frames[:executed].copy()
             info["proprio"] = np.repeat(self.proprio[None], executed, axis=0)
@@ -935,6 +974,7 @@ class ImaginationSlots(SharedTensors):
             # written by the server
             "out_frames": torch.zeros(s.num_slots, s.max_actions, H, H, 3, dtype=torch.uint8),
             "out_success": torch.zeros(s.num_slots, s.max_actions),
+            "out_end": torch.zeros(s.num_slots, s.max_actions),
             "version": torch.zeros(s.num_slots, dtype=torch.int64),
         }, share)
 
@@ -968,7 +1008,8 @@ class ServedWorldModel:
                 raise InterruptedError("ServedWorldModel: stopping while waiting for world_model")
         if reply != slot:
             raise RuntimeError(f"ServedWorldModel: reply for slot {reply}, waiting on slot {slot}")
-        return s.out_frames[slot, :n].numpy().copy(), s.out_success[slot, :n].numpy().copy()
+        return (s.out_frames[slot, :n].numpy().copy(), s.out_success[slot, :n].numpy().copy(),
+                s.out_end[slot, :n].numpy().copy())
 
 
 class WorldModelServer:
@@ -1027,10 +1068,11 @@ class WorldModelServer:
         idx = torch.tensor([slot for (_, slot), _ in batch])
         n = int(s.num_actions[idx].max())  # shorter requests are padded with zero actions, their tail unused
         start = time.perf_counter()
-        frames, success = self.model.imagine(s.frames[idx], s.past_actions[idx], s.actions[idx, :n], s.task_id[idx],
-                                             s.seed[idx].tolist())
+        frames, success, end = self.model.imagine(s.frames[idx], s.past_actions[idx], s.actions[idx, :n],
+                                                  s.task_id[idx], s.seed[idx].tolist())
         s.out_frames[idx, :n] = frames.cpu()
         s.out_success[idx, :n] = success.cpu()
+        s.out_end[idx, :n] = end.cpu()
         s.version[idx] = self.version
         done = time.perf_counter()
         for (client, slot), _ in batch:
@@ -1158,7 +1200,7 @@ def open_loop(model: WorldModel, data: TransitionData, index: torch.Tensor, hori
     past = data.action_window(index, -K + 1, K - 1)
     future = data.action_window(index, 0, horizon)
     seeds = [int(x) for x in np.random.SeedSequence([seed, int(index[0])]).generate_state(len(index), np.uint64)]
-    frames, _ = model.imagine(batch["frames"], past, future, data.task[index], seeds)
+    frames, _, _ = model.imagine(batch["frames"], past, future, data.task[index], seeds)
     real_idx, inside = data.context_index(index, torch.arange(1, horizon + 1))
     return frames.cpu(), data.images[real_idx], inside
 
@@ -1189,14 +1231,20 @@ def evaluate(model: WorldModel, data: TransitionData, horizons: tuple[int, ...] 
 
     # reward model: every held-out transition on its real context, and on imagined contexts (the frames the
     # imagined env really scores), the labels of the same real transitions
-    probs = []
+    probs, end_probs = [], []
     for chunk in torch.arange(len(data)).split(256):
         b = data.batch(chunk)
-        logits = model.reward.logit(frames_to_model(b["frames"].to(model.device)), b["actions"].to(model.device),
-                                    b["task_id"].to(model.device))
-        probs.append(torch.sigmoid(logits.float()).cpu())
+        success, end = model.reward.probabilities(frames_to_model(b["frames"].to(model.device)),
+                                                  b["actions"].to(model.device), b["task_id"].to(model.device))
+        probs.append(success.cpu())
+        end_probs.append(end.cpu())
     real_metrics = reward_metrics(torch.cat(probs).numpy(), data.success.numpy(), threshold=model.cfg.end_threshold)
     metrics.update({f"reward_{k}": v for k, v in real_metrics.items()})
+    if model.cfg.end_head:  # episode ends (successes and failures) on real contexts
+        end_metrics = reward_metrics(torch.cat(end_probs).numpy(), data.terminated.numpy(),
+                                     threshold=model.cfg.end_threshold)
+        metrics.update({f"end_{k}": end_metrics[k] for k in ("accuracy", "balanced_accuracy", "auroc", "recall")})
+        metrics["end_failures"] = int((data.terminated & ~data.success).sum())
     metrics.update(imagined_reward_metrics(model, data, seed, batch_size, horizon=min(4, H)))
     return metrics, strip(model, data, seed, strip_steps)
 
@@ -1220,7 +1268,7 @@ def imagined_reward_metrics(model: WorldModel, data: TransitionData, seed: int, 
             K = data.K
             b = data.batch(chunk)
             seeds = [int(s) for s in np.random.SeedSequence([seed, 7, int(chunk[0])]).generate_state(len(chunk), np.uint64)]
-            _, success = model.imagine(b["frames"], data.action_window(chunk, -K + 1, K - 1),
+            _, success, _ = model.imagine(b["frames"], data.action_window(chunk, -K + 1, K - 1),
                                        data.action_window(chunk, 0, horizon), data.task[chunk], seeds)
             idx, inside = data.context_index(chunk, torch.arange(0, horizon))
             label = data.success[idx] & inside
@@ -1268,6 +1316,10 @@ def format_table(metrics: dict[str, float], horizons: tuple[int, ...]) -> str:
     if "reward_auroc_imagined" in metrics:
         lines.append(f"reward model on imagined contexts: AUROC {metrics['reward_auroc_imagined']:.4f}, precision "
                      f"{metrics['reward_precision_imagined']:.3f}, recall {metrics['reward_recall_imagined']:.3f}")
+    if "end_auroc" in metrics:
+        lines.append(f"end of episode (successes and {metrics['end_failures']} failure terminations) on real contexts: "
+                     f"accuracy {metrics['end_accuracy']:.4f}, balanced {metrics['end_balanced_accuracy']:.3f}, "
+                     f"recall {metrics['end_recall']:.3f}, AUROC {metrics['end_auroc']:.4f}")
     return "\n".join(lines)
 
 
@@ -1373,7 +1425,8 @@ def collect(cfg: Collect) -> dict:
                         done = terminated or truncated
                         if done:
                             break
-                writer.add_episode(np.stack(images), np.stack(actions), np.stack(proprio), bool(info["success"]))
+                writer.add_episode(np.stack(images), np.stack(actions), np.stack(proprio), bool(info["success"]),
+                                   terminated=bool(terminated))
                 successes.append(bool(info["success"]))
                 lengths.append(len(actions))
         summary["tasks"][str(t)] = {"file": path.name, "episodes": len(successes),

@@ -19,8 +19,9 @@ import pytest
 import torch
 
 from envs.tabletop2d import INSTRUCTIONS, Tabletop2D, expert_chunk
+from envs import env_spec
 from world_model import (Collect, ContextBank, ImaginationSlots, ImaginedEnv, LocalWorldModel, RealResetContexts,
-                         ServedWorldModel, SlotShape, StepReplay, SuccessSampler, TransitionData, WorldModel, WorldModelConfig,
+                         ServedWorldModel, SlotShape, StartContext, StepReplay, SuccessSampler, TransitionData, WorldModel, WorldModelConfig,
                          WorldModelServer, WorldModelTrainer, collect, evaluate, load_optimizer_state, main, psnr, read_episodes,
                          reward_metrics, ssim)
 
@@ -32,13 +33,18 @@ TINY = dict(image_size=SIZE, channels=(8, 16), blocks_per_level=1, reward_channe
             action_embed_dim=8, instructions=INSTRUCTIONS)
 
 
-def tiny_model(seed: int = 0, success_bias: float | None = None) -> WorldModel:
+def tiny_model(seed: int = 0, success_bias: float | None = None, end_bias: float | None = None,
+               **config) -> WorldModel:
+    """A tiny world model; `success_bias` pins both outputs (always success and end, or never), `end_bias`
+    then the end output alone (a failure that ends the episode: success -20, end +20)."""
     torch.manual_seed(seed)
-    model = WorldModel(WorldModelConfig(**TINY)).eval()
-    if success_bias is not None:  # pin the end signal: always success, or never
+    model = WorldModel(WorldModelConfig(**{**TINY, **config})).eval()
+    if success_bias is not None:
         with torch.no_grad():
             model.reward.head[-1].weight.zero_()
             model.reward.head[-1].bias.fill_(success_bias)
+            if end_bias is not None:
+                model.reward.head[-1].bias[1] = end_bias
     return model
 
 
@@ -81,6 +87,10 @@ def test_transitions_pad_episode_starts_and_label_successes(episodes):
     assert batch["has_next"].tolist() == [True, True, False]
     assert batch["success"].tolist() == [0.0, 0.0, 1.0]
     assert int(data.success.sum()) == sum(bool(ep["success"]) for ep in episodes)
+    # end labels: every terminated episode's last step, successes and wrong grasps (collect records both)
+    failures = [ep for ep in episodes if ep["terminated"] and not ep["success"]]
+    assert failures and int(data.terminated.sum()) == sum(bool(ep["terminated"]) for ep in episodes)
+    assert torch.all(data.terminated[data.success])  # a success is an end
     assert int(data.task[first]) == INSTRUCTIONS.index(ep["instruction"])
 
 
@@ -105,7 +115,7 @@ def test_step_replay_gives_the_transitions_of_the_files(episodes):
         for t in range(len(e["actions"])):
             last = t == len(e["actions"]) - 1
             replay.add(1, e["images"][t], e["actions"][t], INSTRUCTIONS.index(e["instruction"]), t,
-                       bool(e["success"]) and last)
+                       bool(e["success"]) and last, terminated=bool(e["terminated"]) and last)
     written = int(replay.written[1])
     assert written == len(data) and len(replay) == 40 - 4 - 2
     positions = torch.arange(written - len(replay), written)
@@ -136,14 +146,16 @@ def test_denoiser_and_reward_losses_fall_on_a_tiny_dataset(episodes):
     before = fixed_loss()
     trainer = WorldModelTrainer(model, lr=3e-3, warmup_updates=1)
     sampler = SuccessSampler(data, 16, 0.25, torch.Generator().manual_seed(1))
-    reward_losses = []
+    reward_losses, end_losses = [], []
     for _ in range(40):
         metrics = trainer.train_step(sampler.sample())
         reward_losses.append(metrics["wm/reward_loss"])
-        assert set(metrics) >= {"wm/loss", "wm/denoiser_loss", "wm/reward_loss", "wm/grad_norm", "wm/lr"}
+        end_losses.append(metrics["wm/end_loss"])
+        assert set(metrics) >= {"wm/loss", "wm/denoiser_loss", "wm/reward_loss", "wm/end_loss", "wm/grad_norm", "wm/lr"}
     after = fixed_loss()
     assert after < 0.6 * before, (before, after)
     assert np.mean(reward_losses[-10:]) < np.mean(reward_losses[:10])
+    assert np.mean(end_losses[-10:]) < np.mean(end_losses[:10])
 
 
 def test_reward_metrics_against_hand_computed_values():
@@ -175,12 +187,13 @@ def test_imagine_rows_do_not_depend_on_the_batch():
     frames = torch.from_numpy(rng.integers(0, 256, (3, 4, SIZE, SIZE, 3), dtype=np.uint8))
     past, actions = torch.rand(3, 3, 7) * 2 - 1, torch.rand(3, 5, 7) * 2 - 1
     tasks, seeds = torch.tensor([0, 1, 2]), [11, 12, 13]
-    batched_frames, batched_p = model.imagine(frames, past, actions, tasks, seeds)
+    batched_frames, batched_p, batched_end = model.imagine(frames, past, actions, tasks, seeds)
     assert batched_frames.dtype == torch.uint8 and batched_frames.shape == (3, 5, SIZE, SIZE, 3)
+    assert batched_p.shape == batched_end.shape == (3, 5) and not torch.equal(batched_p, batched_end)
     for b in range(3):
-        f, p = model.imagine(frames[b:b + 1], past[b:b + 1], actions[b:b + 1], tasks[b:b + 1], seeds[b:b + 1])
+        f, p, end = model.imagine(frames[b:b + 1], past[b:b + 1], actions[b:b + 1], tasks[b:b + 1], seeds[b:b + 1])
         assert (f[0].int() - batched_frames[b].int()).abs().max() <= 1  # float reductions may round differently
-        assert torch.allclose(p[0], batched_p[b], atol=1e-5)
+        assert torch.allclose(p[0], batched_p[b], atol=1e-5) and torch.allclose(end[0], batched_end[b], atol=1e-5)
 
 
 def test_save_load_round_trip(tmp_path):
@@ -432,3 +445,33 @@ def test_evaluate_reports_every_metric(episodes):
                 "reward_ece", "reward_auroc", "reward_auroc_imagined"):
         assert key in metrics, key
     assert image.dtype == np.uint8 and image.shape[1] == 3 * SIZE + 4  # real | imagined | difference
+
+
+def test_a_failure_the_end_output_predicts_ends_the_imagined_episode_without_success():
+    """End output high, success low (a wrong grasp): the imagined episode terminates at the first action,
+    info["success"] False, reward ~0; with the success output high too it is a success."""
+    spec = env_spec("tabletop2d", SIZE)
+    ctx = StartContext(frames=np.zeros((4, SIZE, SIZE, 3), np.uint8), past_actions=np.zeros((3, 7), np.float32),
+                       proprio=np.zeros(3, np.float32), task_id=0, env_step=0)
+    for success_bias, success in ((-20.0, False), (20.0, True)):
+        model = tiny_model(success_bias=success_bias, end_bias=20.0)
+        env = ImaginedEnv(spec, LocalWorldModel(model), lambda rng, task_id: ctx, horizon_env_steps=HORIZON)
+        env.reset(task_id=0, seed=1)
+        _, reward, terminated, truncated, info = env.step_chunk(np.zeros((CHUNK, 7)))
+        assert (terminated, truncated, info["success"], info["env_steps"]) == (True, False, success, 1)
+        assert reward == pytest.approx(float(success), abs=1e-6)
+
+
+def test_a_world_model_saved_without_the_end_output_loads_and_ends_on_success_only(tmp_path):
+    """config.json of a model saved before `end_head` existed lacks the key: it loads with one output, and
+    its end probability is the success probability."""
+    old = tiny_model(end_head=False)
+    old.save(tmp_path / "old")
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    del config["end_head"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    loaded = WorldModel.load(tmp_path / "old")
+    assert not loaded.cfg.end_head and loaded.reward.head[-1].out_features == 1
+    frames = torch.zeros(1, 4, SIZE, SIZE, 3, dtype=torch.uint8)
+    _, success, end = loaded.imagine(frames, torch.zeros(1, 3, 7), torch.zeros(1, 2, 7), torch.tensor([0]), [0])
+    assert torch.equal(success, end)
