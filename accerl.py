@@ -62,7 +62,8 @@ import tyro
 
 import checkpoint as ckpt
 from envs import EnvSpec, env_spec, make_env, parse_task
-from pipeline import Counters, Heartbeats, RolloutStorage, StorageShape, TimedGet, WeightBroadcast, free_tcp_port, log
+from pipeline import (Counters, Heartbeats, RolloutStorage, StorageShape, TimedGet, WeightBroadcast, free_tcp_port, log,
+                      memory_use)
 from vla_policy import (PolicyConfig, VLAPolicy, cli_with_preset, cpu_has_native_bf16, make_policy,
                         make_tokenizer, resolve_policy_config)
 from world_model import (ContextBank, ImaginationSlots, ImaginedEnv, LocalWorldModel, RealResetContexts,
@@ -1796,6 +1797,10 @@ def _die_with_parent() -> None:
         pass
 
 
+MEMORY_REPORT_S = 10.0
+"""Every process reports its memory (pipeline.memory_use) this often: perf/rss_gib/<name>, perf/gpu_peak_gib/<name>."""
+
+
 def run_role(name: str, build, stop_event, stats, heartbeats: Heartbeats) -> None:
     """Process entry: build the role, step it until its stop event, report any exception with its
     traceback (the main process then stops the run). Only the main process handles Ctrl-C."""
@@ -1804,7 +1809,7 @@ def run_role(name: str, build, stop_event, stats, heartbeats: Heartbeats) -> Non
     _die_with_parent()
     parent = os.getppid()
     torch.set_num_threads(1)  # leave the other cores to the simulators (platform.md)
-    role = None
+    role, last_memory_report = None, 0.0
     try:
         role = build()
         log(name, f"ready (pid {os.getpid()})")
@@ -1813,6 +1818,9 @@ def run_role(name: str, build, stop_event, stats, heartbeats: Heartbeats) -> Non
             heartbeats.beat(name)
             if os.getppid() != parent:  # the main process was killed: nobody will ever stop us
                 return
+            if time.time() - last_memory_report > MEMORY_REPORT_S:
+                stats.put(("memory", name, memory_use()))
+                last_memory_report = time.time()
         role.close()
     except _Stopping:
         if role is not None:
@@ -1860,6 +1868,7 @@ class Run:
         self.warmup_s = min(10.0, args.experiment.max_seconds / 6) if args.experiment.max_seconds else 10.0
         self.learner_rates: list[float] = []
         self.busy_fractions: dict[str, list[float]] = defaultdict(list)  # steady part of training, every process
+        self.memory_max: dict[str, dict[str, float]] = defaultdict(dict)  # "rss_gib" / "gpu_peak_gib" -> process -> GiB
 
     def _run_dir(self) -> Path:
         args = self.args
@@ -2320,6 +2329,11 @@ class Run:
                 self.eval_rounds[payload["round"]]["episodes"].append(payload)
             if video is not None:
                 self._log_video(f"videos/eval_task_{payload['task_id']}", Path(video), step)
+        elif kind == "memory":
+            for key, value in payload.items():
+                self.writer.add_scalar(f"perf/{key}/{role}", value, step)
+                largest = self.memory_max[key]
+                largest[role] = max(largest.get(role, 0.0), value)
         elif kind in ("update", "perf"):
             for tag, value in payload.items():
                 self.writer.add_scalar(tag, value, step)
@@ -2361,6 +2375,7 @@ class Run:
         self.writer.add_scalar("perf/env_steps_per_s", rate, steps)
         self.writer.add_scalar("perf/chunk_steps", totals["chunk_step"], steps)
         self.writer.add_scalar("perf/env_restarts", totals["env_restarts"], steps)
+        self._handle_stat("memory", "main", memory_use())
         if self.args.wm.num_imagination_workers:
             self.writer.add_scalar("perf/imagined_chunk_steps_per_s", imagined_rate, steps)
             self.writer.add_scalar("perf/imagined_chunk_steps", imagined, steps)
@@ -2407,6 +2422,9 @@ class Run:
                    "learner_samples_per_s": float(np.median(self.learner_rates[1:])) if len(self.learner_rates) > 1 else None,
                    "inference_busy_fraction": busy.get("inference_busy_fraction"),
                    "learner_busy_fraction": busy.get("learner_busy_fraction"),
+                   # per process, the largest value reported (GiB): resident host memory, torch's peak GPU allocation
+                   "memory_max": {key: {name: round(v, 3) for name, v in sorted(largest.items())}
+                                  for key, largest in self.memory_max.items()},
                    "versions": software_versions(self.args), "run_dir": str(self.run_dir)}
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         self.writer.close()

@@ -20,6 +20,24 @@ from dataclasses import dataclass
 import torch
 
 
+def memory_use() -> dict[str, float]:
+    """This process's memory in GiB: resident host memory now ("rss_gib"; what grows when something leaks
+    over a long run) and, once it has used CUDA, its peak GPU memory allocated by torch ("gpu_peak_gib",
+    summed over devices)."""
+    try:
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):  # no procfs: the peak so far (kB on Linux, bytes on macOS)
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        rss = peak if sys.platform == "darwin" else peak * 1024
+    out = {"rss_gib": rss / 2**30}
+    if torch.cuda.is_initialized():
+        out["gpu_peak_gib"] = sum(torch.cuda.max_memory_allocated(d) for d in range(torch.cuda.device_count())) / 2**30
+    return out
+
+
 def log(role: str, message: str) -> None:
     """Every log line names the process that wrote it (style.md rule 4)."""
     print(f"{time.strftime('%H:%M:%S')} [{role}] {message}", file=sys.stderr, flush=True)

@@ -73,6 +73,9 @@ def test_sync_entry_script_runs_learns_and_summarises(tmp_path):
     assert summary["final_eval"]["episodes"] == 4
     for role in ("[env_worker_0]", "[learner]", "[main]", "[eval_worker_0]", "updates"):
         assert role in result.stderr
+    rss = summary["memory_max"]["rss_gib"]  # every process reports its resident memory
+    assert {"main", "env_worker_0", "env_worker_1", "eval_worker_0", "inference", "learner"} <= set(rss), rss
+    assert all(0.05 < v < 16 for v in rss.values()), rss
 
 
 def test_sigint_stops_every_process_within_10_s_and_frees_shared_memory(tmp_path):

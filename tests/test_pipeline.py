@@ -15,7 +15,7 @@ import torch
 
 import checkpoint as ckpt
 from accerl import Args, EnvArgs, ExperimentArgs, Learner, Run, WorkersArgs, derive_and_check
-from pipeline import Heartbeats, WeightBroadcast, interrupt_on_stop_signals
+from pipeline import Heartbeats, WeightBroadcast, interrupt_on_stop_signals, memory_use
 from vla_policy import PolicyConfig
 
 TINY_POLICY = dict(image_size=32, patch_size=8, vision_hidden=32, vision_layers=1, vision_heads=1, vision_mlp=64,
@@ -343,3 +343,11 @@ def test_heartbeats_tell_a_starting_process_from_a_silent_one():
     assert beats.started("learner") and not beats.started("env_worker_0")
     silent = beats.silent_for()
     assert silent["learner"] < 1.0 and silent["env_worker_0"] >= 50.0
+
+
+def test_memory_use_follows_the_resident_memory():
+    before = memory_use()["rss_gib"]
+    block = np.ones(256 * 2**20 // 8)  # 256 MiB, touched
+    grown = memory_use()["rss_gib"]
+    del block
+    assert 0.01 < before < 64 and grown - before > 0.2, (before, grown)
