@@ -65,11 +65,11 @@ def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None) ->
 def test_sync_entry_script_runs_learns_and_summarises(tmp_path):
     """--mode sync end to end (the async entry script's run is the resumed half of the kill -9 test)."""
     run_dir = tmp_path / "sync"
-    result = subprocess.run(accerl(run_dir, "--mode", "sync", "--total-env-steps", "600"), cwd=ROOT,
+    result = subprocess.run(accerl(run_dir, "--mode", "sync", "--total-env-steps", "300"), cwd=ROOT,
                             capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["mode"] == "sync" and summary["global_env_step"] >= 600 and summary["updates"] >= 1
+    assert summary["mode"] == "sync" and summary["global_env_step"] >= 300 and summary["updates"] >= 1
     assert summary["final_eval"]["episodes"] == 4
     for role in ("[env_worker_0]", "[learner]", "[main]", "[eval_worker_0]", "updates"):
         assert role in result.stderr
@@ -129,7 +129,7 @@ def test_kill_9_then_resume_continues_counters_and_weights(tmp_path):
     """An async run killed with SIGKILL (no chance to save) resumes from its last complete checkpoint; the
     resumed run trains on, evaluates and summarises (the entry script's async smoke run)."""
     run_dir = tmp_path / "killed"
-    proc = subprocess.Popen(accerl(run_dir, "--total-env-steps", "10000000", "--checkpoint-every-updates", "2",
+    proc = subprocess.Popen(accerl(run_dir, "--total-env-steps", "10000000", "--checkpoint-every-updates", "1",
                                    "--num-eval-workers", "0", "--final-eval-episodes", "0"),
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -144,12 +144,12 @@ def test_kill_9_then_resume_continues_counters_and_weights(tmp_path):
     saved = ckpt.resolve_checkpoint(run_dir)
     _, _, _, meta = ckpt.load_checkpoint(saved)
     steps_at_kill = meta["counters"]["global_env_step"]
-    result = subprocess.run(accerl(run_dir, "--resume", str(run_dir), "--total-env-steps", str(steps_at_kill + 300)),
+    result = subprocess.run(accerl(run_dir, "--resume", str(run_dir), "--total-env-steps", str(steps_at_kill + 200)),
                             cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resumed from {saved}" in result.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["mode"] == "async" and summary["global_env_step"] >= steps_at_kill + 300
+    assert summary["mode"] == "async" and summary["global_env_step"] >= steps_at_kill + 200
     assert summary["updates"] > meta["update"]
     assert summary["final_eval"]["episodes"] == 4
     for role in ("[env_worker_0]", "[eval_worker_0]", "[inference]", "[learner]", "[main]"):

@@ -270,13 +270,13 @@ def test_entry_script_runs_with_imagination_workers_and_a_world_model_process(tm
     result = subprocess.run(
         [sys.executable, str(ROOT / "accerl.py"), "--run-dir", str(run_dir), "--num-env-workers", "1",
          "--envs-per-worker", "2", "--num-eval-workers", "0", "--segment-len", "4", "--segments-per-update", "2",
-         "--total-env-steps", "600", "--log-every-s", "2", *TINY, "--wm-checkpoint", str(wm_dir),
+         "--total-env-steps", "300", "--log-every-s", "2", *TINY, "--wm-checkpoint", str(wm_dir),
          "--num-imagination-workers", "1", "--imagined-envs-per-worker", "2", "--imagine-horizon", "2",
          "--wm-train-every-updates", "2", "--wm-batch-size", "4"],
         cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["global_env_step"] >= 600 and summary["updates"] >= 1
+    assert summary["global_env_step"] >= 300 and summary["updates"] >= 1
     assert summary["imagined_chunk_step"] > 0
     for role in ("[imagination_worker_0] ready", "[world_model] ready", "[learner] world model from"):
         assert role in result.stderr
