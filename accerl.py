@@ -144,6 +144,10 @@ class WorldModelArgs:
     imagined_share: float = 0.5
     """Target share of imagined segments in each update's super batch, in (0, 1): the learner adds up to
     round(S x share / (1 - share)) imagined segments to the S real ones, without ever waiting for them."""
+    wait_for_imagined: bool = False
+    """The learner waits for all its imagined segments instead of taking those that are ready: every update
+    then holds exactly the share, and the real env workers slow down to imagination's pace (they wait for
+    free segments). For sample-efficiency experiments, where real env steps are the budget, not time."""
     wm_start: Literal["replay", "reset", "demos"] = "replay"
     """Where imagined episodes start: a recent real step from the replay (a fresh real reset until the
     replay holds the task), a fresh real reset (costs no env step), or a random step of --wm-demos."""
@@ -414,6 +418,9 @@ def world_model_problems(args: Args, spec: EnvSpec) -> list[str]:
     if wm.num_imagination_workers < 0 or wm.wm_train_every_updates < 0:
         return ["--num-imagination-workers and --wm-train-every-updates must be >= 0"]
     imagination = wm.num_imagination_workers > 0
+    if wm.wait_for_imagined and not imagination:
+        return ["--wait-for-imagined waits for imagined segments: give --num-imagination-workers N (and "
+                "--wm-checkpoint DIR)"]
     if not imagination and not wm.wm_train_every_updates:
         return []
     if not wm.wm_checkpoint:
@@ -804,6 +811,7 @@ class EnvWorker:
         self.getter = TimedGet(self.name, args.workers.wait_timeout_s)
         self.envs = [EnvState(env=self._build_env(i, 0)) for i in range(src.num_envs)]
         self.sim_s, self.last_report = 0.0, time.perf_counter()
+        self.held = None  # serial mode: an action reply that waits for a free segment
         for i in range(len(self.envs)):
             self._start_first_segment(i)
 
@@ -848,10 +856,16 @@ class EnvWorker:
             self._resume_envs_with_new_weights()
         if time.perf_counter() - self.last_report > 5.0:
             self._report()
-        msg = self.getter.get(self.chan.actions[self.client], "inference", self.poll_s)
+        msg = self.held or self.getter.get(self.chan.actions[self.client], "inference", self.poll_s)
         if msg is None:
             return
         i, seg, rows = msg
+        if self.poll_s == 0 and rows[0] == self.T and self.free_segments.empty():
+            # serial mode: the roles take turns, and only the learner's turn frees a segment (it may be waiting
+            # for imagined ones): keep the reply for a later turn instead of blocking the only thread
+            self.held = msg
+            return
+        self.held = None
         e, storage = self.envs[i], self.shared.storage
         if len(rows) == 2:  # the second row held the final observation of a truncated episode
             storage.trunc_value[seg, rows[0] - 1] = storage.value[seg, rows[1]]
@@ -1361,7 +1375,7 @@ class Learner:
 
     With imagination workers, a super batch is the real segments (waited for, as always) plus up to
     imagined_segments_per_update imagined ones that are ready (from --imagined-share; never waited
-    for: imagination never stalls real learning), trained on together (reference.md section 5). With --wm-train-every-updates,
+    for, so imagination never stalls real learning, unless --wait-for-imagined), trained on together (reference.md section 5). With --wm-train-every-updates,
     rank 0 also trains the world model on the replay of real steps and publishes it to `world_model`.
 
     Data-parallel over M ranks (`learner_0..M-1`, --num-learners): rank 0 takes the super batch's segment
@@ -1419,7 +1433,8 @@ class Learner:
             self.accelerator.unwrap_model(self.policy).load_state_dict(weights, strict=True)
             log(self.name, f"policy initialised from {args.experiment.init_policy}")
         self.getter = TimedGet(self.name, args.workers.wait_timeout_s)
-        self.segments: list[int] = []
+        self.segments: list[int] = []  # real segments of the next update
+        self.imagined: list[int] = []  # its imagined segments
         self.last_update_time = time.perf_counter()
         self.world_model = self.wm_trainer = None
         if self.rank == 0 and args.wm.wm_train_every_updates:
@@ -1505,20 +1520,29 @@ class Learner:
             if share is not None:
                 self._update(share)
             return
-        seg = self.getter.get(self.chan.full_segments, "env workers (no full segment)", self.poll_s)
-        if seg is None:
-            return
-        self.segments.append(seg)
+        wm = self.args.wm
         if len(self.segments) < self.args.workers.segments_per_update:
-            return
-        segments, self.segments = self.segments, []
+            seg = self.getter.get(self.chan.full_segments, "env workers (no full segment)", self.poll_s)
+            if seg is None:
+                return
+            self.segments.append(seg)
+            if len(self.segments) < self.args.workers.segments_per_update:
+                return
         # imagined segments after the real ones (so every rank gets an equal share of the real ones,
-        # segments r, r + M, ...): those that are ready, never waited for
-        for _ in range(self.args.wm.imagined_segments_per_update):
-            try:
-                segments.append(self.chan.imagined_full_segments.get_nowait())
-            except queue.Empty:
-                break
+        # segments r, r + M, ...): those that are ready, or (--wait-for-imagined) all of them
+        while len(self.imagined) < wm.imagined_segments_per_update:
+            if wm.wait_for_imagined:
+                seg = self.getter.get(self.chan.imagined_full_segments, "imagination workers (no imagined segment)",
+                                      self.poll_s)
+                if seg is None:
+                    return  # back to the role loop (stop flag, heartbeat); the real segments wait here
+            else:
+                try:
+                    seg = self.chan.imagined_full_segments.get_nowait()
+                except queue.Empty:
+                    break
+            self.imagined.append(seg)
+        segments, self.segments, self.imagined = self.segments + self.imagined, [], []
         for r in range(1, self.world_size):
             self.chan.learner_shares[r - 1].put(segments[r::self.world_size], timeout=self.args.workers.wait_timeout_s)
         self._update(segments[::self.world_size])

@@ -147,6 +147,28 @@ def test_learner_never_waits_for_imagination(tmp_path, wm_dir):
     assert json.loads((Path(run.run_dir) / "summary.json").read_text())["imagined_chunk_step"] == 0
 
 
+def test_wait_for_imagined_gives_every_update_its_full_imagined_share(tmp_path, wm_dir, monkeypatch):
+    """--wait-for-imagined: every update holds S real then exactly n imagined segments (sample-efficiency
+    runs, where real env steps are the budget); without it the same run may train on fewer (above)."""
+    kinds = []
+    update = Learner._update
+
+    def recording(self, segments):
+        kinds.append([bool(self.shared.storage.imagined[seg, 0]) for seg in segments])
+        return update(self, segments)
+
+    monkeypatch.setattr(Learner, "_update", recording)
+    args = wm_args(tmp_path, wm_dir, total_env_steps=800, num_eval_workers=0, wait_for_imagined=True,
+                   imagined_share=0.6)
+    S, n = args.workers.segments_per_update, args.wm.imagined_segments_per_update
+    assert (S, n) == (2, 3)
+    run, code, recorded, _ = run_serial_capturing(args)
+    assert code == 0
+    assert len(kinds) >= 2 and all(k == [False] * S + [True] * n for k in kinds), kinds
+    fractions = [m["charts/imagined_sample_fraction"] for m in update_metrics(recorded)]
+    assert min(fractions) > 0.3  # rows after an episode's end are dropped, so the row share is not exactly 0.6
+
+
 # ---------------------------------------------------------------------------------------------------
 # Pieces: recorded steps, start contexts from the replay
 # ---------------------------------------------------------------------------------------------------
@@ -245,6 +267,7 @@ def _variant(tmp_path: Path, **changes) -> Path:
     (dict(imagine_horizon=0), "must be >= 1"),
     (dict(wm_device="cuda:7"), "--wm-device: cuda:7"),
     (dict(num_imagination_workers=0, wm_train_every_updates=1, wm_batch_size=0), "--wm-batch-size must be >= 1"),
+    (dict(num_imagination_workers=0, wait_for_imagined=True), "--wait-for-imagined .* --num-imagination-workers"),
 ])
 def test_bad_world_model_arguments_fail_before_spawning(tmp_path, wm_dir, overrides, message):
     with pytest.raises(SystemExit, match=message):
