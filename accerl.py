@@ -154,7 +154,8 @@ class WorldModelArgs:
     wm_demos: tuple[str, ...] = ()
     """--wm-start demos: HDF5 files or directories of them (demos.py's layout)."""
     wm_max_batch: int = 16
-    """world_model flushes a batch when this many imagined envs wait (at most one per imagination worker)..."""
+    """world_model flushes a batch when this many imagined envs wait (an imagination worker sends the
+    requests of all its envs whose action chunks are ready at once)..."""
     wm_batch_timeout_ms: float = 5.0
     """...or when the oldest request has waited this long."""
     wm_device: str | None = None
@@ -714,6 +715,8 @@ class RolloutSource:
     counters: tuple[str, str, str, str]  # Counters names of its env steps, chunk steps, episodes, env rebuilds
     episode_stat: str  # stats kind of a finished episode
     replay_envs_from: int | None = None  # record every step into shared.replay as envs from here (None: off)
+    batch_chunks: bool = False  # its envs have submit_chunk / finish_chunk: the chunks of all replies that are
+    #                             ready go out together (one world-model batch) before any is waited for
 
 
 class RealEnvs:
@@ -749,6 +752,7 @@ class ImaginedEnvs:
         self.w, self.args, self.spec, self.shared, self.chan = w, args, spec, shared, chan
         self.serial, self.poll_s = serial, poll_s
         self.contexts, self.model = None, None  # one per worker, built with its first env
+        self.arrived: set = set()  # world-model replies read by one env's wait for another's (one reply queue)
 
     def _start_contexts(self, cfg, seed: int):
         a = self.args
@@ -771,7 +775,7 @@ class ImaginedEnvs:
         else:
             client = ServedWorldModel(cfg, self.w, self.w * a.wm.imagined_envs_per_worker + index, self.shared.wm_slots,
                                       self.chan.wm_requests, self.chan.wm_replies[self.w], a.workers.wait_timeout_s,
-                                      self.poll_s, should_stop=self.shared.train_stop.is_set)
+                                      self.poll_s, should_stop=self.shared.train_stop.is_set, arrived=self.arrived)
         return ImaginedEnv(self.spec, client, self.contexts, a.wm.imagine_horizon * a.policy.chunk_len, seed=seed)
 
 
@@ -783,7 +787,7 @@ def imagined_rollouts(w: int, args: Args, spec: EnvSpec, shared: Shared, chan: C
         build_env=ImaginedEnvs(w, args, spec, shared, chan, serial, poll_s), seed_stream=6,
         free_segments="imagined_free_segments", full_segments="imagined_full_segments",
         counters=("imagined_env_step", "imagined_chunk_step", "imagined_episodes", "imagined_env_restarts"),
-        episode_stat="imagined_episode")
+        episode_stat="imagined_episode", batch_chunks=True)
 
 
 class EnvWorker:
@@ -811,7 +815,7 @@ class EnvWorker:
         self.getter = TimedGet(self.name, args.workers.wait_timeout_s)
         self.envs = [EnvState(env=self._build_env(i, 0)) for i in range(src.num_envs)]
         self.sim_s, self.last_report = 0.0, time.perf_counter()
-        self.held = None  # serial mode: an action reply that waits for a free segment
+        self.held: list = []  # serial mode: action replies that wait for a free segment
         for i in range(len(self.envs)):
             self._start_first_segment(i)
 
@@ -856,16 +860,40 @@ class EnvWorker:
             self._resume_envs_with_new_weights()
         if time.perf_counter() - self.last_report > 5.0:
             self._report()
-        msg = self.held or self.getter.get(self.chan.actions[self.client], "inference", self.poll_s)
-        if msg is None:
+        replies = self.held or [self.getter.get(self.chan.actions[self.client], "inference", self.poll_s)]
+        if replies[0] is None:
             return
-        i, seg, rows = msg
-        if self.poll_s == 0 and rows[0] == self.T and self.free_segments.empty():
-            # serial mode: the roles take turns, and only the learner's turn frees a segment (it may be waiting
-            # for imagined ones): keep the reply for a later turn instead of blocking the only thread
-            self.held = msg
-            return
-        self.held = None
+        self.held = []
+        if self.source.batch_chunks:  # and every other reply already here: their chunks run as one batch
+            replies += self._ready_replies()
+        chunks = []
+        for k, (i, seg, rows) in enumerate(replies):
+            if self.poll_s == 0 and rows[0] == self.T and self.free_segments.empty():
+                # serial mode: the roles take turns, and only the learner's turn frees a segment (it may be
+                # waiting for imagined ones): keep the replies for a later turn instead of blocking the only thread
+                self.held = replies[k:]
+                break
+            row = self._accept_reply(i, seg, rows)
+            if row is not None:
+                chunks.append((i, row))
+        if self.source.batch_chunks and len(chunks) > 1:
+            chunks = [(i, row) for i, row in chunks if self._submit_chunk(i, row)]
+            for i, row in chunks:
+                self._execute_chunk(i, row, submitted=True)
+        else:
+            for i, row in chunks:
+                self._execute_chunk(i, row)
+
+    def _ready_replies(self) -> list:
+        ready = []
+        while True:
+            try:
+                ready.append(self.chan.actions[self.client].get_nowait())
+            except queue.Empty:
+                return ready
+
+    def _accept_reply(self, i: int, seg: int, rows: tuple[int, ...]) -> int | None:
+        """The row whose action chunk env i executes next (None: none now, sync mode waits for weights)."""
         e, storage = self.envs[i], self.shared.storage
         if len(rows) == 2:  # the second row held the final observation of a truncated episode
             storage.trunc_value[seg, rows[0] - 1] = storage.value[seg, rows[1]]
@@ -878,8 +906,8 @@ class EnvWorker:
             row = self._finish_segment(i)
             if self.args.experiment.mode == "sync":
                 e.awaiting_version = version + 1
-                return
-        self._execute_chunk(i, row)
+                return None
+        return row
 
     def _report(self) -> None:
         elapsed = time.perf_counter() - self.last_report
@@ -905,13 +933,30 @@ class EnvWorker:
                 e.awaiting_version = None
                 self._request(i, (0,))  # re-evaluate row 0 with the new weights (on-policy)
 
-    def _execute_chunk(self, i: int, row: int) -> None:
+    def _submit_chunk(self, i: int, row: int) -> bool:
+        """Batched envs (imagined): send env i's chunk without waiting; False if the env raised (rebuilt)."""
+        e = self.envs[i]
+        start = time.perf_counter()
+        try:
+            e.env.submit_chunk(self.shared.storage.actions[e.segment, row].numpy())
+        except InterruptedError:
+            raise _Stopping()
+        except Exception:
+            self._restart_env(i, row, traceback.format_exc())
+            return False
+        self.sim_s += time.perf_counter() - start
+        return True
+
+    def _execute_chunk(self, i: int, row: int, submitted: bool = False) -> None:
         e, storage, T = self.envs[i], self.shared.storage, self.T
         actions = storage.actions[e.segment, row].numpy()
         record = self.source.replay_envs_from is not None
         start = time.perf_counter()
         try:
-            obs, reward, terminated, truncated, info = e.env.step_chunk(actions, record=record)
+            if submitted:
+                obs, reward, terminated, truncated, info = e.env.finish_chunk(record=record)
+            else:
+                obs, reward, terminated, truncated, info = e.env.step_chunk(actions, record=record)
         except InterruptedError:  # the env's wait noticed the stop flag
             raise _Stopping()
         except Exception:  # simulators raise: rebuild the env, drop the episode, go on
@@ -2015,13 +2060,14 @@ class Run:
                                                            self.resume_update(), source)
         for k, name in enumerate(self.inference_names):
             builders[name] = _Builder(InferenceServer, args, shared, chan, poll, self.inference_devices[k], k)
-        if self.world_model_names:  # each imagination worker has one request in flight: batches are <= W
+        if self.world_model_names:  # a request in flight per imagined env at most: batches of <= W x E
             wm = args.wm
             device = wm.wm_device or self.inference_devices[0]
             builders["world_model"] = _Builder(
                 WorldModelServer.from_checkpoint, wm.wm_checkpoint, "cuda:0" if device == "cuda" else device,
                 shared.wm_slots, chan.wm_requests, chan.wm_replies, poll,
-                min(wm.wm_max_batch, wm.num_imagination_workers), wm.wm_batch_timeout_ms, shared.wm_weights, chan.stats)
+                min(wm.wm_max_batch, wm.num_imagination_workers * wm.imagined_envs_per_worker), wm.wm_batch_timeout_ms,
+                shared.wm_weights, chan.stats)
         for r, name in enumerate(self.learner_names):
             builders[name] = _Builder(Learner, args, spec, shared, chan, poll, self.learner_devices[r], self.run_dir,
                                       self.resume_from, r, self.dist_port)

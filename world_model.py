@@ -738,6 +738,15 @@ class WorldModelClient(Protocol):
         order -> imagined frames uint8 (n, H, W, 3), success and end probabilities float32 (n,) each."""
         ...
 
+    def submit(self, frames: np.ndarray, past_actions: np.ndarray, actions: np.ndarray, task_id: int,
+               seed: int) -> object:
+        """`imagine` in two halves: send the request and return a ticket, so that several envs' requests can
+        be in flight together (one batch at the server); `collect(ticket)` waits for the result."""
+        ...
+
+    def collect(self, ticket: object) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        ...
+
 
 class LocalWorldModel:
     """The in-process client: one WorldModel, one request at a time (serial mode, tests, evaluation).
@@ -747,6 +756,12 @@ class LocalWorldModel:
         self.model, self.config, self.weights = model.eval(), model.cfg, weights
         self.params = dict(model.state_dict(keep_vars=True))
         self.version = 0
+
+    def submit(self, frames, past_actions, actions, task_id, seed):
+        return frames, past_actions, actions, task_id, seed  # computed when collected: one at a time here
+
+    def collect(self, ticket):
+        return self.imagine(*ticket)
 
     def imagine(self, frames, past_actions, actions, task_id, seed):
         if self.weights is not None and self.weights.published_version() > self.version:
@@ -882,6 +897,7 @@ class ImaginedEnv(TaskEnv):
         self.K, self.end_threshold = cfg.context_frames, cfg.end_threshold
         self.rng = np.random.default_rng(seed)
         self._episode_over = True
+        self._ticket = None  # (actions, the world model's ticket) of the chunk in flight
 
     def reset(self, task_id: int | None = None, seed: int | None = None) -> dict[str, np.ndarray]:
         if seed is not None:
@@ -900,7 +916,7 @@ class ImaginedEnv(TaskEnv):
         self.proprio = np.asarray(ctx.proprio, np.float32)
         self.limit = max(1, min(self.spec.max_episode_steps, self.real_spec.max_episode_steps - ctx.env_step))
         self.env_steps, self.success_prob = 0, 0.0  # p = 0 at the start: a real episode never starts in success
-        self._episode_over = False
+        self._episode_over, self._ticket = False, None
         return self._observe(self.frames[-1])
 
     def _observe(self, frame: np.ndarray) -> dict[str, np.ndarray]:
@@ -912,14 +928,30 @@ class ImaginedEnv(TaskEnv):
     def step_chunk(self, actions: np.ndarray, record: bool = False
                    ) -> tuple[dict[str, np.ndarray], float, bool, bool, dict]:
         """One world-model request per chunk; stops at the first end, as `TaskEnv.step_chunk` does."""
+        self.submit_chunk(actions)
+        return self.finish_chunk(record)
+
+    def submit_chunk(self, actions: np.ndarray) -> None:
+        """The first half of `step_chunk`: send the world-model request and return at once (an imagination
+        worker submits every ready env's chunk, then finishes them: one batch at the world-model server)."""
         if self._episode_over:
             raise RuntimeError("ImaginedEnv: the episode is over (or never started); call reset() first")
+        if self._ticket is not None:
+            raise RuntimeError("ImaginedEnv: a chunk is already in flight; call finish_chunk() first")
         actions = np.asarray(actions, dtype=np.float32)
         if actions.ndim != 2 or len(actions) == 0 or actions.shape[1] != self.spec.action_dim:
             raise ValueError(f"ImaginedEnv step_chunk expects (chunk_len >= 1, {self.spec.action_dim}) actions, "
                              f"got {actions.shape}")
-        frames, success, end = self.world_model.imagine(self.frames, self.past_actions, actions,
-                                                        self.model_task[self.task_id], int(self.rng.integers(2**63)))
+        ticket = self.world_model.submit(self.frames, self.past_actions, actions, self.model_task[self.task_id],
+                                         int(self.rng.integers(2**63)))
+        self._ticket = (actions, ticket)
+
+    def finish_chunk(self, record: bool = False) -> tuple[dict[str, np.ndarray], float, bool, bool, dict]:
+        """The second half of `step_chunk`: wait for the imagined frames and apply them."""
+        if self._ticket is None:
+            raise RuntimeError("ImaginedEnv: no chunk in flight; call submit_chunk() first")
+        (actions, ticket), self._ticket = self._ticket, None
+        frames, success, end = self.world_model.collect(ticket)
         reward, succeeded, terminated, truncated = 0.0, False, False, False
         for j in range(len(actions)):
             p = float(success[j])
@@ -980,18 +1012,24 @@ class ImaginationSlots(SharedTensors):
 
 
 class ServedWorldModel:
-    """Client of a WorldModelServer: writes the request into its slot, sends (client, slot), blocks until
-    the server answers on this client's reply queue. One request in flight per client."""
+    """Client of a WorldModelServer for one imagined env: writes the request into the env's slot, sends
+    (client, slot), and waits until the server answers on the client's reply queue. The envs of one
+    imagination worker share that queue, and `arrived` (pass one set to all of them): a reply read by one
+    env's wait is kept there for the env it belongs to, so all of them can have a request in flight."""
 
     def __init__(self, config: WorldModelConfig, client: int, slot: int, slots: ImaginationSlots, requests,
                  replies, wait_timeout_s: float = 300.0, poll_s: float = 0.05,
-                 should_stop: Callable[[], bool] | None = None):
+                 should_stop: Callable[[], bool] | None = None, arrived: set | None = None):
         self.config, self.client, self.slot, self.slots = config, client, slot, slots
         self.requests, self.replies, self.poll_s, self.should_stop = requests, replies, poll_s, should_stop
+        self.arrived = set() if arrived is None else arrived
         self.wait_timeout_s = wait_timeout_s
         self.getter = TimedGet(f"imagined env (client {client}, slot {slot})", wait_timeout_s)
 
     def imagine(self, frames, past_actions, actions, task_id, seed):
+        return self.collect(self.submit(frames, past_actions, actions, task_id, seed))
+
+    def submit(self, frames, past_actions, actions, task_id, seed):
         s, slot, n = self.slots, self.slot, len(actions)
         if n > s.shape.max_actions:
             raise ValueError(f"ServedWorldModel: {n} actions, the slots hold {s.shape.max_actions}")
@@ -1000,14 +1038,17 @@ class ServedWorldModel:
         s.actions[slot, :n] = torch.as_tensor(np.asarray(actions), dtype=torch.float32)
         s.num_actions[slot], s.task_id[slot], s.seed[slot] = n, task_id, seed
         self.requests.put((self.client, slot), timeout=self.wait_timeout_s)
-        while True:
+        return n
+
+    def collect(self, n):
+        s, slot = self.slots, self.slot
+        while slot not in self.arrived:
             reply = self.getter.get(self.replies, "world_model", self.poll_s)
             if reply is not None:
-                break
-            if self.should_stop is not None and self.should_stop():
+                self.arrived.add(reply)
+            elif self.should_stop is not None and self.should_stop():
                 raise InterruptedError("ServedWorldModel: stopping while waiting for world_model")
-        if reply != slot:
-            raise RuntimeError(f"ServedWorldModel: reply for slot {reply}, waiting on slot {slot}")
+        self.arrived.discard(slot)
         return (s.out_frames[slot, :n].numpy().copy(), s.out_success[slot, :n].numpy().copy(),
                 s.out_end[slot, :n].numpy().copy())
 

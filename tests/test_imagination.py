@@ -169,6 +169,32 @@ def test_wait_for_imagined_gives_every_update_its_full_imagined_share(tmp_path, 
     assert min(fractions) > 0.3  # rows after an episode's end are dropped, so the row share is not exactly 0.6
 
 
+def test_imagination_worker_sends_every_ready_chunk_before_waiting(tmp_path, wm_dir):
+    """Replies for several imagined envs wait in the worker's queue: one step submits all their chunks, then
+    finishes them (one world-model batch); real env workers keep stepping one env at a time."""
+    run = Run(wm_args(tmp_path, wm_dir, imagined_envs_per_worker=3, max_batch=3))
+    run.build(serial=True)
+    builders = run.role_builders(serial=True)
+    builders["learner"]()  # publishes the first weights
+    worker, inference = builders["imagination_worker_0"](), builders["inference"]()
+    replies = run.chan.actions[worker.client]
+    for _ in range(100):
+        inference.step()
+        if replies.qsize() == 3:
+            break
+    assert replies.qsize() == 3
+    calls = []
+    for k, e in enumerate(worker.envs):
+        for name in ("submit_chunk", "finish_chunk"):
+            method = getattr(e.env, name)
+            setattr(e.env, name, lambda *a, _m=method, _c=(name, k), **kw: calls.append(_c) or _m(*a, **kw))
+    worker.step()
+    assert [c[0] for c in calls] == ["submit_chunk"] * 3 + ["finish_chunk"] * 3, calls
+    assert sorted(c[1] for c in calls[:3]) == [0, 1, 2] and replies.qsize() == 0
+    assert int(run.shared.counters.table[1 + worker.client, COUNTERS.index("imagined_chunk_step")]) == 3
+    assert builders["env_worker_0"]().source.batch_chunks is False
+
+
 # ---------------------------------------------------------------------------------------------------
 # Pieces: recorded steps, start contexts from the replay
 # ---------------------------------------------------------------------------------------------------

@@ -335,6 +335,36 @@ def test_imagined_env_is_deterministic_and_served_equals_local(episodes):
         assert np.array_equal(a, b)
 
 
+def test_envs_of_one_worker_share_a_batch_and_a_reply_queue(episodes):
+    """An imagination worker submits the chunks of all its ready envs, then finishes them (any order): one
+    batch at the server, one reply queue, and the same episodes as one env at a time in-process."""
+    model = tiny_model(seed=5)
+    spec = Tabletop2D(image_size=SIZE).spec
+    bank = ContextBank(episodes, INSTRUCTIONS, context_frames=4)
+    chunks = np.random.default_rng(1).uniform(-1, 1, (3, CHUNK, 7))
+    slots = ImaginationSlots(SlotShape(3, 4, SIZE, 7, CHUNK), share=False)
+    requests, replies, arrived = queue.Queue(), [queue.Queue()], set()
+    server = WorldModelServer(model, slots, requests, replies, poll_s=0.0, max_batch=3, batch_timeout_ms=1e6)
+    served = [ImaginedEnv(spec, ServedWorldModel(model.cfg, 0, k, slots, requests, replies[0], poll_s=0.0,
+                                                 should_stop=lambda: server.step() or False, arrived=arrived),
+                          bank, horizon_env_steps=64, seed=k) for k in range(3)]
+    local = [ImaginedEnv(spec, LocalWorldModel(model), bank, horizon_env_steps=64, seed=k) for k in range(3)]
+    for k in range(3):
+        assert np.array_equal(served[k].reset(task_id=k, seed=10 + k)["image"],
+                              local[k].reset(task_id=k, seed=10 + k)["image"])
+    for k in range(3):
+        served[k].submit_chunk(chunks[k])
+    assert requests.qsize() == 3 and not server.perf["batch_size"]  # all in flight, none served yet
+    with pytest.raises(RuntimeError, match="already in flight"):
+        served[0].submit_chunk(chunks[0])
+    for k in (2, 0, 1):  # finished in another order than submitted: replies are kept for their env
+        got, want = served[k].finish_chunk(), local[k].step_chunk(chunks[k])
+        assert np.array_equal(got[0]["image"], want[0]["image"]) and got[1:4] == want[1:4]
+    assert server.perf["batch_size"] == [3] and not arrived
+    with pytest.raises(RuntimeError, match="no chunk in flight"):
+        served[0].finish_chunk()
+
+
 def test_server_loads_published_weights():
     """A trainer publishes new world-model weights (WeightBroadcast, version counter); the server serves
     them from its next request on and stamps the version into the reply slot."""
