@@ -1848,7 +1848,14 @@ def software_versions(args: Args) -> dict[str, str]:
             versions[name] = md.version(name)
         except md.PackageNotFoundError:
             versions[name] = "not installed"
-    versions["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    # the card's name costs a CUDA context in the asking process: only asked where this run uses a GPU
+    learner, inference = resolve_devices(args)
+    if not torch.cuda.is_available():
+        versions["cuda"] = "none"
+    elif any(d.startswith("cuda") for d in (*learner, *inference)):
+        versions["cuda"] = torch.cuda.get_device_name(0)
+    else:
+        versions["cuda"] = f"{torch.cuda.device_count()} GPU(s), unused by this run"
     return versions
 
 

@@ -91,8 +91,8 @@ def optimizer_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+    if torch.cuda.is_initialized():  # a process that never used CUDA has no CUDA stream to save (and asking
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):  # would open a context on the GPU)
             tensors[f"cuda.{i}"] = s
     py = random.getstate()
     np_state = np.random.get_state()
