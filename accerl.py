@@ -1420,8 +1420,9 @@ class Learner:
 
     With imagination workers, a super batch is the real segments (waited for, as always) plus up to
     imagined_segments_per_update imagined ones that are ready (from --imagined-share; never waited
-    for, so imagination never stalls real learning, unless --wait-for-imagined), trained on together (reference.md section 5). With --wm-train-every-updates,
-    rank 0 also trains the world model on the replay of real steps and publishes it to `world_model`.
+    for, so imagination never stalls real learning, unless --wait-for-imagined), trained on together
+    (reference.md section 5). With --wm-train-every-updates, rank 0 also trains the world model on the
+    replay of real steps and publishes it to `world_model`.
 
     Data-parallel over M ranks (`learner_0..M-1`, --num-learners): rank 0 takes the super batch's segment
     ids and hands rank r its share (segments r, r + M, ...); every rank copies its share, computes GAE on
