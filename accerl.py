@@ -876,13 +876,10 @@ class EnvWorker:
             row = self._accept_reply(i, seg, rows)
             if row is not None:
                 chunks.append((i, row))
-        if self.source.batch_chunks and len(chunks) > 1:
+        if self.source.batch_chunks:  # send them all, then wait for each
             chunks = [(i, row) for i, row in chunks if self._submit_chunk(i, row)]
-            for i, row in chunks:
-                self._execute_chunk(i, row, submitted=True)
-        else:
-            for i, row in chunks:
-                self._execute_chunk(i, row)
+        for i, row in chunks:
+            self._execute_chunk(i, row, submitted=self.source.batch_chunks)
 
     def _ready_replies(self) -> list:
         ready = []
