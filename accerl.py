@@ -192,6 +192,12 @@ class WorkersArgs:
     """T: chunk steps per trajectory segment (bootstrapped with the value of the next observation)."""
     segments_per_update: int = 4
     """Segments in one learner update (the "super batch" is this x segment_len chunk steps)."""
+    when_learner_behind: Literal["wait", "drop-oldest"] = "wait"
+    """Async: what an env worker does when it needs a segment and every spare one is full, waiting for the
+    learner. "wait": it waits (the learner trains on every collected step; its pace caps collection).
+    "drop-oldest": it overwrites the oldest full segment the learner has not taken yet, as the paper's
+    bounded replay of recent trajectories does: the envs never wait for the learner, the learner trains on
+    the freshest segments, and the overwritten ones are counted in perf/dropped_segments."""
     wait_timeout_s: float = 300.0
     """A blocking wait longer than this stops the run and names the silent process."""
     eval_every_updates: int = 25
@@ -324,6 +330,12 @@ def derive_and_check(args: Args) -> Args:
         problems.append("--resume and --eval-only exclude each other")
     if args.experiment.init_policy and args.experiment.resume:
         problems.append("--init-policy starts a new training run: drop --resume (a resumed run keeps its own weights)")
+    if args.workers.when_learner_behind == "drop-oldest" and args.experiment.mode == "sync":
+        problems.append("--when-learner-behind drop-oldest is for --mode async or serial: sync mode's learner "
+                        "trains on every env's segment, in lockstep")
+    if args.workers.when_learner_behind == "drop-oldest" and args.wm.wait_for_imagined:
+        problems.append("--when-learner-behind drop-oldest and --wait-for-imagined pull apart: waiting slows the "
+                        "real envs to imagination's pace, dropping lets them run on; choose one")
     if args.algorithm.gipo_sigma <= 0:
         problems.append("--gipo-sigma must be > 0")
     if args.algorithm.micro_batch_size < 0:
@@ -715,6 +727,7 @@ class RolloutSource:
     counters: tuple[str, str, str, str]  # Counters names of its env steps, chunk steps, episodes, env rebuilds
     episode_stat: str  # stats kind of a finished episode
     replay_envs_from: int | None = None  # record every step into shared.replay as envs from here (None: off)
+    drop_oldest: bool = False  # no free segment: overwrite the oldest full one the learner has not taken
     batch_chunks: bool = False  # its envs have submit_chunk / finish_chunk: the chunks of all replies that are
     #                             ready go out together (one world-model batch) before any is waited for
 
@@ -738,7 +751,8 @@ def real_rollouts(rank: int, args: Args) -> RolloutSource:
         role="env_worker", client=rank, num_envs=E, build_env=RealEnvs(args), seed_stream=1,
         free_segments="free_segments", full_segments="full_segments",
         counters=("global_env_step", "chunk_step", "episodes", "env_restarts"), episode_stat="episode",
-        replay_envs_from=rank * E if uses_replay(args) else None)
+        replay_envs_from=rank * E if uses_replay(args) else None,
+        drop_oldest=args.workers.when_learner_behind == "drop-oldest")
 
 
 class ImaginedEnvs:
@@ -833,6 +847,15 @@ class EnvWorker:
 
     def _take_free_segment(self) -> int:
         while True:
+            if self.source.drop_oldest:  # a free segment, else the oldest full one (the learner is behind)
+                for segments in (self.free_segments, self.full_segments):
+                    try:
+                        seg = segments.get_nowait()
+                    except queue.Empty:
+                        continue
+                    if segments is self.full_segments:
+                        self.shared.counters.add(self.client, "dropped_segments", 1)
+                    return seg
             seg = self.getter.get(self.free_segments, "learner (no free segment)", max(self.poll_s, 0.1))
             if seg is not None:
                 return seg
@@ -868,7 +891,8 @@ class EnvWorker:
             replies += self._ready_replies()
         chunks = []
         for k, (i, seg, rows) in enumerate(replies):
-            if self.poll_s == 0 and rows[0] == self.T and self.free_segments.empty():
+            if self.poll_s == 0 and rows[0] == self.T and self.free_segments.empty() and not (
+                    self.source.drop_oldest and not self.full_segments.empty()):
                 # serial mode: the roles take turns, and only the learner's turn frees a segment (it may be
                 # waiting for imagined ones): keep the replies for a later turn instead of blocking the only thread
                 self.held = replies[k:]
@@ -1205,7 +1229,9 @@ class InferenceServer:
         if not self.pending:
             return False
         oldest_wait = time.perf_counter() - self.pending[0][1]
-        if self.args.experiment.mode == "sync":
+        # sync: lockstep until training stops; then an env worker may have left with its request still here (the
+        # other env's never comes), and the final evaluation's requests must not wait behind it forever
+        if self.args.experiment.mode == "sync" and not self.shared.train_stop.is_set():
             training = sum(1 for m, _ in self.pending if not m[4])
             evals = len(self.pending) - training
             return training >= self.num_train_envs or (evals > 0 and training == 0 and
@@ -1939,6 +1965,7 @@ class Run:
         self.imagined_window = deque(maxlen=100)  # imagined episodes' success (the reward model's end signal)
         self.wm_updates = 0
         self.flow_started, self.steady_from, self.train_end = None, None, None
+        self.update_marks: list[tuple[float, int]] = []  # (time, env steps) as each update's report arrived
         self.warmup_s = min(10.0, args.experiment.max_seconds / 6) if args.experiment.max_seconds else 10.0
         self.learner_rates: list[float] = []
         self.busy_fractions: dict[str, list[float]] = defaultdict(list)  # steady part of training, every process
@@ -2239,6 +2266,9 @@ class Run:
                     return 1
             if self._round_complete(rid):
                 self.final_eval = self._close_round(rid, final=True)
+            elif not self.interrupted:
+                log("main", f"final evaluation incomplete after --wait-timeout-s {self.args.workers.wait_timeout_s:.0f} "
+                            "s: no answer from the eval workers or inference; summary.json has no final_eval")
         return 130 if self.interrupted else 0
 
     def _shutdown(self, code: int) -> None:
@@ -2417,6 +2447,7 @@ class Run:
                     self.busy_fractions[tag].append(value)
             if kind == "update":
                 self.learner_rates.append(payload["perf/learner_samples_per_s"])
+                self.update_marks.append((time.time(), self.shared.counters.total("global_env_step")))
                 self.wm_updates = int(payload.get("wm/updates", self.wm_updates))
 
     def _log_video(self, tag: str, path: Path, step: int) -> None:
@@ -2450,6 +2481,8 @@ class Run:
         self.writer.add_scalar("perf/env_steps_per_s", rate, steps)
         self.writer.add_scalar("perf/chunk_steps", totals["chunk_step"], steps)
         self.writer.add_scalar("perf/env_restarts", totals["env_restarts"], steps)
+        if self.args.workers.when_learner_behind == "drop-oldest":
+            self.writer.add_scalar("perf/dropped_segments", totals["dropped_segments"], steps)
         self._handle_stat("memory", "main", memory_use())
         if self.args.wm.num_imagination_workers:
             self.writer.add_scalar("perf/imagined_chunk_steps_per_s", imagined_rate, steps)
@@ -2475,6 +2508,12 @@ class Run:
             return None
         return (self.train_end[1] - self.steady_from[1]) / (self.train_end[0] - self.steady_from[0])
 
+    def _rate_between_updates(self) -> float | None:
+        if len(self.update_marks) < 2:
+            return None
+        (t0, steps0), (t1, steps1) = self.update_marks[0], self.update_marks[-1]
+        return (steps1 - steps0) / (t1 - t0) if t1 > t0 else None
+
     def _write_summary(self, code: int) -> None:
         totals = self.shared.counters.totals()
         wall = time.time() - self.start_time
@@ -2485,7 +2524,8 @@ class Run:
                    "final_eval_success": None if self.final_eval is None else self.final_eval["success_rate"],
                    "final_eval": self.final_eval, "global_env_step": totals["global_env_step"],
                    "chunk_step": totals["chunk_step"], "episodes": totals["episodes"],
-                   "env_restarts": totals["env_restarts"], "updates": self.shared.weights.published_version(),
+                   "env_restarts": totals["env_restarts"], "dropped_segments": totals["dropped_segments"],
+                   "updates": self.shared.weights.published_version(),
                    # the world model's rollouts, counted apart (global_env_step counts real steps only)
                    **{name: totals[name] for name in ("imagined_env_step", "imagined_chunk_step", "imagined_episodes",
                                                       "imagined_env_restarts")},
@@ -2494,6 +2534,8 @@ class Run:
                    "wm_busy_fraction": busy.get("wm_busy_fraction"),
                    "wall_seconds": wall, "env_steps_per_s": totals["global_env_step"] / max(wall, 1e-9),
                    "steady_env_steps_per_s": self._steady_rate(),
+                   # from the first update to the last: whole collect + train rounds (sync mode's fair rate)
+                   "env_steps_per_s_between_updates": self._rate_between_updates(),
                    "learner_samples_per_s": float(np.median(self.learner_rates[1:])) if len(self.learner_rates) > 1 else None,
                    "inference_busy_fraction": busy.get("inference_busy_fraction"),
                    "learner_busy_fraction": busy.get("learner_busy_fraction"),

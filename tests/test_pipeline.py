@@ -6,6 +6,7 @@ import os
 import pickle
 import queue
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -120,6 +121,48 @@ def test_env_that_raises_is_rebuilt_and_the_run_goes_on(tmp_path):
     assert summary["env_restarts"] >= 3
     assert summary["global_env_step"] >= 700
     assert summary["final_eval"]["episodes"] == 4  # evaluation repeats a job whose env raised
+
+
+@pytest.mark.parametrize("when_behind", ["wait", "drop-oldest"])
+def test_a_slow_learner_makes_envs_wait_or_drop_the_oldest_segments(tmp_path, monkeypatch, when_behind):
+    # the learner steps only every 20th turn of the serial loop: it falls behind the env worker
+    step, assemble, turns, trained = Learner.step, Learner._assemble, [0], []
+
+    def slow_step(self):
+        turns[0] += 1
+        if turns[0] % 20 == 0:
+            step(self)
+
+    def recording_assemble(self, segments):
+        batch = assemble(self, segments)
+        trained.append(batch["version"][:, :-1].clone())  # rows 0..T-1: the chunk steps trained on
+        return batch
+
+    monkeypatch.setattr(Learner, "step", slow_step)
+    monkeypatch.setattr(Learner, "_assemble", recording_assemble)
+    # batch timeout 0: inference answers within the turn, so turns count chunk steps (~1 per turn)
+    args = tiny_args(tmp_path, when_learner_behind=when_behind, total_env_steps=1500, eval_every_updates=0,
+                     final_eval_episodes=0, batch_timeout_ms=0.0)
+    run, code, _ = run_serial(args)
+    summary = json.loads((Path(run.run_dir) / "summary.json").read_text())
+    assert code == 0 and summary["global_env_step"] >= 1500
+    versions = torch.cat(trained)
+    # every trained segment is one env's rows in order: versions never fall along a segment (an overwritten
+    # segment handed to the learner half-written would mix two writers)
+    assert (versions[:, 1:] >= versions[:, :-1]).all()
+    assert summary["updates"] >= 2 and 0 < summary["env_steps_per_s_between_updates"]
+    if when_behind == "wait":
+        assert summary["dropped_segments"] == 0
+        assert summary["chunk_step"] <= (summary["updates"] + 4) * 2 * 8  # at most the spare segments ahead
+    else:
+        assert summary["dropped_segments"] >= 5
+        # the envs ran on: more chunk steps than the learner trained on, by the dropped segments
+        assert summary["chunk_step"] >= summary["updates"] * 2 * 8 + summary["dropped_segments"] * 8
+
+
+def test_drop_oldest_is_refused_where_it_cannot_apply(tmp_path):
+    with pytest.raises(SystemExit, match="drop-oldest"):
+        tiny_args(tmp_path, when_learner_behind="drop-oldest", mode="sync")
 
 
 def test_dropped_episode_rows_are_masked_and_cut_from_gae(tmp_path):
@@ -276,6 +319,24 @@ def test_critic_warmup_trains_the_value_head_only(tmp_path):
     for name, tensor in saved.state_dict().items():
         if name not in value:
             assert torch.equal(model[name], tensor), name
+
+
+def test_sync_inference_serves_the_final_evaluation_past_a_training_request_left_behind(tmp_path):
+    # training stopped while one env worker's request was pending and the other's never came: in lockstep the
+    # server would wait for the missing one forever, and the final evaluation's requests with it (a real hang:
+    # the main process waited out --wait-timeout-s for the final evaluation)
+    from types import SimpleNamespace
+
+    from accerl import InferenceServer
+
+    args = tiny_args(tmp_path, mode="sync", num_env_workers=2, envs_per_worker=1, batch_timeout_ms=0.0)
+    stop = threading.Event()
+    server = SimpleNamespace(args=args, num_train_envs=2, shared=SimpleNamespace(train_stop=stop))
+    old = time.perf_counter() - 1.0
+    server.pending = [((0, 0, 3, (5,), False), old), ((2, 0, 9, (0,), True), old)]  # training env 0, then eval
+    assert not InferenceServer._should_flush(server)  # training: env 1's request is still to come
+    stop.set()
+    assert InferenceServer._should_flush(server)
 
 
 def test_sync_env_waits_for_the_update_its_segment_feeds_when_it_lands_at_once(tmp_path):
