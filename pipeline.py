@@ -237,9 +237,11 @@ class WeightBroadcast:
 # Counters and heartbeats
 # ---------------------------------------------------------------------------------------------------
 COUNTERS = ("global_env_step", "chunk_step", "episodes", "env_restarts",
-            "imagined_env_step", "imagined_chunk_step", "imagined_episodes", "imagined_env_restarts")
+            "imagined_env_step", "imagined_chunk_step", "imagined_episodes", "imagined_env_restarts",
+            "dropped_segments")
 """Real env steps, chunk steps, episodes and env rebuilds, then the same for the world model's imagined
-envs, kept apart (`global_env_step`, the x axis and the budget, counts real steps only)."""
+envs, kept apart (`global_env_step`, the x axis and the budget, counts real steps only), then the real
+segments overwritten before the learner took them (--when-learner-behind drop-oldest)."""
 
 
 class Counters:

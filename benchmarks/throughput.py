@@ -5,9 +5,13 @@
         --step-cost-ms 20 --device cuda        # the GPU machine, LIBERO-like heavy-tailed step cost
 
 Each mode runs the real entry script (learning on, evaluation off) in its own process tree for
-`--seconds`; its rate is measured over the steady part of the run (after the first env step plus a
-warm-up). The ceiling runs the same envs in the same number of processes with random actions and no
-model: what the simulators alone can do. Ends with one JSON line.
+`--seconds` (sync: `--sync-seconds`); async's rate is measured over the steady part of the run (after the
+first env step plus a warm-up), sync's over whole collect + train rounds (first update to last) where the
+run held two or more (give it the time: a round with a large learner is long). The ceiling runs the same
+envs in the same number of processes with random actions and no model: what the simulators alone can do.
+`--when-learner-behind drop-oldest` lets async's env workers overwrite the oldest full segment instead of
+waiting for the learner (the paper's bounded replay); `async_trained_fraction` then says how much of what
+async collected the learner trained on. Ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -78,11 +82,13 @@ def env_ceiling(args) -> float:
 def pipeline_rate(args, mode: str, run_dir: Path) -> dict:
     cmd = [sys.executable, str(ROOT / "accerl.py"), "--mode", mode, "--task", args.task, "--run-dir", str(run_dir),
            "--num-env-workers", str(args.num_env_workers), "--envs-per-worker", str(args.envs_per_worker),
-           "--total-env-steps", str(10**12), "--max-seconds", str(args.seconds), "--num-eval-workers", "0",
+           "--total-env-steps", str(10**12), "--max-seconds", str(args.sync_seconds if mode == "sync" else args.seconds), "--num-eval-workers", "0",
            "--final-eval-episodes", "0", "--eval-every-updates", "0", "--device", args.device,
            "--step-cost-ms", str(args.step_cost_ms), "--step-cost-kind", args.step_cost_kind,
            "--env-options", args.env_options, "--policy.image-size", str(args.image_size),
            "--log-every-s", "30", "--checkpoint-every-updates", "0", *args.extra]
+    if mode == "async":
+        cmd += ["--when-learner-behind", args.when_learner_behind]
     print(f"# {mode}: {' '.join(cmd)}", flush=True)
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if result.returncode != 0:
@@ -114,6 +120,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="tabletop2d")
     parser.add_argument("--seconds", type=float, default=60.0, help="wall clock per mode")
+    parser.add_argument("--sync-seconds", type=float, default=None,
+                        help="wall clock of sync (default --seconds): long enough for several collect + train rounds")
     parser.add_argument("--ceiling-seconds", type=float, default=None,
                         help="wall clock of the env-only ceiling (default --seconds; it has no start-up to amortise)")
     parser.add_argument("--num-env-workers", type=int, default=2)
@@ -124,19 +132,32 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--modes", nargs="+", default=["async", "sync"])
+    parser.add_argument("--when-learner-behind", default="wait", choices=["wait", "drop-oldest"],
+                        help="async only: accerl.py's --when-learner-behind (sync trains on every segment)")
     parser.add_argument("--out", default=None, help="also write the JSON result here")
     parser.add_argument("extra", nargs="*", help="more accerl.py options after --, e.g. -- --policy.hidden 512")
     args = parser.parse_args()
+    args.sync_seconds = args.sync_seconds or args.seconds
 
     result = {"task": args.task, "num_env_workers": args.num_env_workers, "envs_per_worker": args.envs_per_worker,
-              "step_cost_ms": args.step_cost_ms, "seconds_per_mode": args.seconds}
+              "step_cost_ms": args.step_cost_ms, "seconds_per_mode": args.seconds,
+              "when_learner_behind": args.when_learner_behind, "extra": args.extra}
     with tempfile.TemporaryDirectory() as tmp:
         for mode in args.modes:
             summary = pipeline_rate(args, mode, Path(tmp) / mode)
-            result[f"{mode}_env_steps_per_s"] = summary["steady_env_steps_per_s"]
+            # sync alternates collection and training: its rate is over whole rounds (first update to last) when
+            # the run held at least two, else over the steady window like async's (a partial round biases it)
+            rounds = summary.get("env_steps_per_s_between_updates") if mode == "sync" else None
+            result[f"{mode}_env_steps_per_s"] = rounds or summary["steady_env_steps_per_s"]
+            result[f"{mode}_steady_window_env_steps_per_s"] = summary["steady_env_steps_per_s"]
             result[f"{mode}_learner_samples_per_s"] = summary.get("learner_samples_per_s")
             result[f"{mode}_updates"] = summary["updates"]
-            print(f"{mode}: {summary['steady_env_steps_per_s']:.1f} env steps/s, {summary['updates']} updates, "
+            # the share of collected chunk steps the learner trained on (drop-oldest overwrites the rest)
+            run_args = json.loads((Path(tmp) / mode / "args.json").read_text())["workers"]
+            trained = summary["updates"] * run_args["segments_per_update"] * run_args["segment_len"]
+            result[f"{mode}_dropped_segments"] = summary["dropped_segments"]
+            result[f"{mode}_trained_fraction"] = trained / max(summary["chunk_step"], 1)
+            print(f"{mode}: {result[f'{mode}_env_steps_per_s']:.1f} env steps/s, {summary['updates']} updates, "
                   f"learner {summary.get('learner_samples_per_s') or 0:.1f} samples/s", flush=True)
     ceiling = env_ceiling(args)
     print(f"env-only ceiling: {ceiling:.1f} env steps/s", flush=True)
