@@ -6,6 +6,7 @@
                                                # learns the grounding from scratch (~1 M env steps, docs/RESULTS.md)
     python benchmarks/rl_probe.py --obs objects --trunk relu --lr 1e-3 --bc-steps 400   # the same net on labels
     python benchmarks/rl_probe.py --obs pixels                            # a small CNN on the 128 px image
+    python benchmarks/rl_probe.py --obs pixels --image-size 64 --pixel-norm   # the mean frame subtracted, unit std
 
 One process, synchronous PPO-style loop: `--num-envs` tabletop2d envs step `--segment-len` chunks per update
 (one chunk = 8 actions), then `--update-epochs` x `--num-minibatches` optimiser steps on the batch. The
@@ -65,9 +66,13 @@ class SmoothBinHead(nn.Module):
 
 class ProbePolicy(nn.Module):
     def __init__(self, obs: str, obs_dim: int, image_size: int, chunk_len: int, num_bins: int,
-                 trunk: str = "tanh"):
+                 trunk: str = "tanh", pixel_mean: torch.Tensor | None = None):
         super().__init__()
         self.obs, self.image_size = obs, image_size
+        # --pixel-norm: subtract the mean frame and divide by the pixels' std (the table and its texture
+        # are the same in every frame; what differs, objects and EE, then carries the input's scale)
+        self.register_buffer("pixel_mean", pixel_mean if pixel_mean is not None else torch.zeros(3, 1, 1))
+        self.pixel_scale = 1.0
         if obs == "pixels":
             self.cnn = nn.Sequential(nn.Conv2d(3, 32, 8, 4), nn.ReLU(), nn.Conv2d(32, 64, 4, 2), nn.ReLU(),
                                      nn.Conv2d(64, 64, 3, 1), nn.ReLU(), nn.Flatten())
@@ -83,6 +88,7 @@ class ProbePolicy(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.obs == "pixels":
             pixels = x[:, :-NUM_TASKS].view(-1, self.image_size, self.image_size, 3).permute(0, 3, 1, 2) / 255
+            pixels = (pixels - self.pixel_mean) * self.pixel_scale
             x = torch.cat([self.cnn(pixels), x[:, -NUM_TASKS:]], 1)
         h = self.trunk(x)
         return self.head(h), self.value(h).squeeze(-1)
@@ -164,6 +170,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trunk", default="tanh", choices=["tanh", "relu"],
                         help="state trunk: tanh 128-256 or relu 256-256 (relative and objects only)")
+    parser.add_argument("--pixel-norm", action="store_true",
+                        help="pixels: subtract the mean of 512 reset frames and divide by their std")
     parser.add_argument("--bc-steps", type=int, default=0,
                         help="instead of RL: this many behaviour-cloning steps on the scripted expert (labels)")
     args = parser.parse_args()
@@ -179,6 +187,15 @@ def main() -> None:
         env.reset()
     obs_dim = observe(envs[0], args.obs).shape[0]
     policy = ProbePolicy(args.obs, obs_dim, args.image_size, args.chunk_len, args.num_bins, args.trunk)
+    if args.obs == "pixels" and args.pixel_norm:
+        probe_env, frames = make(args.seed + 99), []
+        for _ in range(512):
+            probe_env.reset()
+            frames.append(probe_env._observe()["image"])
+        frames = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float() / 255
+        policy.pixel_mean.data = frames.mean(0)
+        policy.pixel_scale = 1.0 / float((frames - frames.mean(0)).std())
+        print(f"# pixel norm: centred std {1 / policy.pixel_scale:.4f}", flush=True)
     optimizer = torch.optim.Adam(policy.parameters(), args.lr)
     algo = AlgorithmArgs(loss=args.loss)
     print(f"# rl_probe {vars(args)}", flush=True)
