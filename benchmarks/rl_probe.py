@@ -17,6 +17,7 @@ policy head is the default VLA's: 256 bins per action dimension through the "smo
   relative  [target - EE, EE, task one-hot]: the direction to go is in the input (no perception, no grounding)
   objects   [all 4 object positions, EE, task one-hot]: the policy must pick the instructed object (grounding)
   pixels    the rendered image + task one-hot through a 3-layer CNN (perception and grounding)
+  pixels+ee the same + the EE position (what the objects probe also gets), `--cnn keypoints`: spatial softmax
 
 Every `--eval-every` updates, over the last 200 training episodes: success, the share that ended in a wrong
 grasp, and the share of grasps made at the most grasped of the four corners (0.25: no favourite corner, 1.0:
@@ -64,19 +65,39 @@ class SmoothBinHead(nn.Module):
         return self.linear(h).view(-1, *self.shape) @ self.basis.T
 
 
+class SpatialSoftmax(nn.Module):
+    """(B, C, H, W) feature maps -> (B, 2C) expected (x, y) of each channel's softmax over positions: keypoints
+    (Levine et al. 2016), so the trunk gets where things are, as the objects probe gets positions."""
+
+    def __init__(self):
+        super().__init__()
+        self.log_temperature = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        weights = (x.flatten(2) / self.log_temperature.exp()).softmax(-1).view(b, c, h, w)
+        ys, xs = torch.linspace(-1, 1, h, device=x.device), torch.linspace(-1, 1, w, device=x.device)
+        return torch.cat([(weights.sum(2) * xs).sum(-1), (weights.sum(3) * ys).sum(-1)], 1)
+
+
 class ProbePolicy(nn.Module):
     def __init__(self, obs: str, obs_dim: int, image_size: int, chunk_len: int, num_bins: int,
-                 trunk: str = "tanh", pixel_mean: torch.Tensor | None = None):
+                 trunk: str = "tanh", pixel_mean: torch.Tensor | None = None, cnn: str = "nature"):
         super().__init__()
         self.obs, self.image_size = obs, image_size
+        extra = obs_dim - 3 * image_size ** 2 if obs.startswith("pixels") else 0  # task one-hot (+ EE)
         # --pixel-norm: subtract the mean frame and divide by the pixels' std (the table and its texture
         # are the same in every frame; what differs, objects and EE, then carries the input's scale)
         self.register_buffer("pixel_mean", pixel_mean if pixel_mean is not None else torch.zeros(3, 1, 1))
         self.pixel_scale = 1.0
-        if obs == "pixels":
+        if obs.startswith("pixels") and cnn == "keypoints":  # conv maps at half resolution -> 16 keypoints -> ReLU trunk
+            self.cnn = nn.Sequential(nn.Conv2d(3, 32, 5, 2, 2), nn.ReLU(), nn.Conv2d(32, 32, 3, 1, 1), nn.ReLU(),
+                                     nn.Conv2d(32, 16, 1), SpatialSoftmax())
+            self.trunk = nn.Sequential(nn.Linear(32 + extra, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU())
+        elif obs.startswith("pixels"):
             self.cnn = nn.Sequential(nn.Conv2d(3, 32, 8, 4), nn.ReLU(), nn.Conv2d(32, 64, 4, 2), nn.ReLU(),
                                      nn.Conv2d(64, 64, 3, 1), nn.ReLU(), nn.Flatten())
-            features = self.cnn(torch.zeros(1, 3, image_size, image_size)).shape[1] + NUM_TASKS
+            features = self.cnn(torch.zeros(1, 3, image_size, image_size)).shape[1] + extra
             self.trunk = nn.Sequential(nn.Linear(features, 256), nn.ReLU())
         else:
             act = nn.Tanh if trunk == "tanh" else nn.ReLU
@@ -86,10 +107,11 @@ class ProbePolicy(nn.Module):
         self.value = nn.Linear(256, 1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.obs == "pixels":
-            pixels = x[:, :-NUM_TASKS].view(-1, self.image_size, self.image_size, 3).permute(0, 3, 1, 2) / 255
+        if self.obs.startswith("pixels"):
+            p = 3 * self.image_size ** 2
+            pixels = x[:, :p].view(-1, self.image_size, self.image_size, 3).permute(0, 3, 1, 2) / 255
             pixels = (pixels - self.pixel_mean) * self.pixel_scale
-            x = torch.cat([self.cnn(pixels), x[:, -NUM_TASKS:]], 1)
+            x = torch.cat([self.cnn(pixels), x[:, p:]], 1)
         h = self.trunk(x)
         return self.head(h), self.value(h).squeeze(-1)
 
@@ -100,7 +122,10 @@ def observe(env: Tabletop2D, obs: str) -> np.ndarray:
         return np.concatenate([env.target_xy - env.ee_xy, env.ee_xy, task]).astype(np.float32)
     if obs == "objects":
         return np.concatenate([env.object_xy.reshape(-1), env.ee_xy, task]).astype(np.float32)
-    return np.concatenate([env._observe()["image"].reshape(-1), task]).astype(np.float32)
+    image = env._observe()["image"].reshape(-1)
+    if obs == "pixels+ee":
+        return np.concatenate([image, env.ee_xy, task]).astype(np.float32)
+    return np.concatenate([image, task]).astype(np.float32)
 
 
 def to_env_actions(tokens: torch.Tensor, num_bins: int) -> np.ndarray:
@@ -152,7 +177,7 @@ def behaviour_cloning(policy: ProbePolicy, optimizer, args, make) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--obs", default="relative", choices=["relative", "objects", "pixels"])
+    parser.add_argument("--obs", default="relative", choices=["relative", "objects", "pixels", "pixels+ee"])
     parser.add_argument("--env-options", default="{}", help='tabletop2d options as JSON, e.g. \'{"layout": "fixed"}\'')
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--num-envs", type=int, default=16)
@@ -170,6 +195,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trunk", default="tanh", choices=["tanh", "relu"],
                         help="state trunk: tanh 128-256 or relu 256-256 (relative and objects only)")
+    parser.add_argument("--cnn", default="nature", choices=["nature", "keypoints"],
+                        help="pixels: the 3-layer Nature-DQN CNN, or convs + spatial softmax (16 keypoints)")
     parser.add_argument("--pixel-norm", action="store_true",
                         help="pixels: subtract the mean of 512 reset frames and divide by their std")
     parser.add_argument("--bc-steps", type=int, default=0,
@@ -186,8 +213,8 @@ def main() -> None:
     for env in envs:
         env.reset()
     obs_dim = observe(envs[0], args.obs).shape[0]
-    policy = ProbePolicy(args.obs, obs_dim, args.image_size, args.chunk_len, args.num_bins, args.trunk)
-    if args.obs == "pixels" and args.pixel_norm:
+    policy = ProbePolicy(args.obs, obs_dim, args.image_size, args.chunk_len, args.num_bins, args.trunk, cnn=args.cnn)
+    if args.obs.startswith("pixels") and args.pixel_norm:
         probe_env, frames = make(args.seed + 99), []
         for _ in range(512):
             probe_env.reset()
