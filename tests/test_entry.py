@@ -27,7 +27,9 @@ TINY_SIZES = dict(zip([a[len("--policy."):].replace("-", "_") for a in TINY[::2]
 def accerl(run_dir: Path, *extra: str) -> list[str]:
     return [sys.executable, str(ROOT / "accerl.py"), "--run-dir", str(run_dir), "--num-env-workers", "2",
             "--envs-per-worker", "1", "--segment-len", "8", "--segments-per-update", "2", "--eval-episodes", "4",
-            "--final-eval-episodes", "4", "--eval-every-updates", "2", "--log-every-s", "2", *TINY, *extra]
+            "--final-eval-episodes", "4", "--eval-every-updates", "2", "--log-every-s", "2",
+            # below the tests' subprocess timeouts: a stall fails with the name of the silent process
+            "--wait-timeout-s", "120", *TINY, *extra]
 
 
 def accerl_main(argv: list[str]) -> int:
