@@ -2267,8 +2267,9 @@ class Run:
             if self._round_complete(rid):
                 self.final_eval = self._close_round(rid, final=True)
             elif not self.interrupted:
-                log("main", f"final evaluation incomplete after --wait-timeout-s {self.args.workers.wait_timeout_s:.0f} "
-                            "s: no answer from the eval workers or inference; summary.json has no final_eval")
+                log("main", f"final evaluation incomplete after --wait-timeout-s "
+                            f"{self.args.workers.wait_timeout_s:.0f} s: no answer from the eval workers or inference; "
+                            "summary.json has no final_eval")
         return 130 if self.interrupted else 0
 
     def _shutdown(self, code: int) -> None:

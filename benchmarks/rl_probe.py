@@ -82,15 +82,15 @@ class SpatialSoftmax(nn.Module):
 
 class ProbePolicy(nn.Module):
     def __init__(self, obs: str, obs_dim: int, image_size: int, chunk_len: int, num_bins: int,
-                 trunk: str = "tanh", pixel_mean: torch.Tensor | None = None, cnn: str = "nature"):
+                 trunk: str = "tanh", cnn: str = "nature"):
         super().__init__()
         self.obs, self.image_size = obs, image_size
         extra = obs_dim - 3 * image_size ** 2 if obs.startswith("pixels") else 0  # task one-hot (+ EE)
         # --pixel-norm: subtract the mean frame and divide by the pixels' std (the table and its texture
         # are the same in every frame; what differs, objects and EE, then carries the input's scale)
-        self.register_buffer("pixel_mean", pixel_mean if pixel_mean is not None else torch.zeros(3, 1, 1))
+        self.register_buffer("pixel_mean", torch.zeros(3, 1, 1))
         self.pixel_scale = 1.0
-        if obs.startswith("pixels") and cnn == "keypoints":  # conv maps at half resolution -> 16 keypoints -> ReLU trunk
+        if obs.startswith("pixels") and cnn == "keypoints":  # maps at half resolution -> 16 keypoints -> ReLU trunk
             self.cnn = nn.Sequential(nn.Conv2d(3, 32, 5, 2, 2), nn.ReLU(), nn.Conv2d(32, 32, 3, 1, 1), nn.ReLU(),
                                      nn.Conv2d(32, 16, 1), SpatialSoftmax())
             self.trunk = nn.Sequential(nn.Linear(32 + extra, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU())
@@ -213,7 +213,8 @@ def main() -> None:
     for env in envs:
         env.reset()
     obs_dim = observe(envs[0], args.obs).shape[0]
-    policy = ProbePolicy(args.obs, obs_dim, args.image_size, args.chunk_len, args.num_bins, args.trunk, cnn=args.cnn)
+    policy = ProbePolicy(args.obs, obs_dim, args.image_size, args.chunk_len, args.num_bins, args.trunk,
+                         cnn=args.cnn)
     if args.obs.startswith("pixels") and args.pixel_norm:
         probe_env, frames = make(args.seed + 99), []
         for _ in range(512):

@@ -80,9 +80,10 @@ def env_ceiling(args) -> float:
 
 
 def pipeline_rate(args, mode: str, run_dir: Path) -> dict:
+    seconds = args.sync_seconds if mode == "sync" else args.seconds
     cmd = [sys.executable, str(ROOT / "accerl.py"), "--mode", mode, "--task", args.task, "--run-dir", str(run_dir),
            "--num-env-workers", str(args.num_env_workers), "--envs-per-worker", str(args.envs_per_worker),
-           "--total-env-steps", str(10**12), "--max-seconds", str(args.sync_seconds if mode == "sync" else args.seconds), "--num-eval-workers", "0",
+           "--total-env-steps", str(10**12), "--max-seconds", str(seconds), "--num-eval-workers", "0",
            "--final-eval-episodes", "0", "--eval-every-updates", "0", "--device", args.device,
            "--step-cost-ms", str(args.step_cost_ms), "--step-cost-kind", args.step_cost_kind,
            "--env-options", args.env_options, "--policy.image-size", str(args.image_size),
