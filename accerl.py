@@ -845,6 +845,10 @@ class EnvWorker:
         e.episode_return, e.episode_env_steps = 0.0, 0
         return e.env.reset(task_id=e.task_id)
 
+    def _segment_ready(self) -> bool:
+        """_take_free_segment would return at once (serial mode asks before it would block)."""
+        return not self.free_segments.empty() or (self.source.drop_oldest and not self.full_segments.empty())
+
     def _take_free_segment(self) -> int:
         while True:
             if self.source.drop_oldest:  # a free segment, else the oldest full one (the learner is behind)
@@ -891,8 +895,7 @@ class EnvWorker:
             replies += self._ready_replies()
         chunks = []
         for k, (i, seg, rows) in enumerate(replies):
-            if self.poll_s == 0 and rows[0] == self.T and self.free_segments.empty() and not (
-                    self.source.drop_oldest and not self.full_segments.empty()):
+            if self.poll_s == 0 and rows[0] == self.T and not self._segment_ready():
                 # serial mode: the roles take turns, and only the learner's turn frees a segment (it may be
                 # waiting for imagined ones): keep the replies for a later turn instead of blocking the only thread
                 self.held = replies[k:]
@@ -1965,7 +1968,9 @@ class Run:
         self.imagined_window = deque(maxlen=100)  # imagined episodes' success (the reward model's end signal)
         self.wm_updates = 0
         self.flow_started, self.steady_from, self.train_end = None, None, None
-        self.update_marks: list[tuple[float, int]] = []  # (time, env steps) as each update's report arrived
+        # (time, env steps) as the first and the latest update's report arrived
+        self.first_update_mark: tuple[float, int] | None = None
+        self.last_update_mark: tuple[float, int] | None = None
         self.warmup_s = min(10.0, args.experiment.max_seconds / 6) if args.experiment.max_seconds else 10.0
         self.learner_rates: list[float] = []
         self.busy_fractions: dict[str, list[float]] = defaultdict(list)  # steady part of training, every process
@@ -2448,7 +2453,8 @@ class Run:
                     self.busy_fractions[tag].append(value)
             if kind == "update":
                 self.learner_rates.append(payload["perf/learner_samples_per_s"])
-                self.update_marks.append((time.time(), self.shared.counters.total("global_env_step")))
+                self.last_update_mark = (time.time(), self.shared.counters.total("global_env_step"))
+                self.first_update_mark = self.first_update_mark or self.last_update_mark
                 self.wm_updates = int(payload.get("wm/updates", self.wm_updates))
 
     def _log_video(self, tag: str, path: Path, step: int) -> None:
@@ -2510,10 +2516,10 @@ class Run:
         return (self.train_end[1] - self.steady_from[1]) / (self.train_end[0] - self.steady_from[0])
 
     def _rate_between_updates(self) -> float | None:
-        if len(self.update_marks) < 2:
+        if self.first_update_mark is None:
             return None
-        (t0, steps0), (t1, steps1) = self.update_marks[0], self.update_marks[-1]
-        return (steps1 - steps0) / (t1 - t0) if t1 > t0 else None
+        (t0, steps0), (t1, steps1) = self.first_update_mark, self.last_update_mark
+        return (steps1 - steps0) / (t1 - t0) if t1 > t0 else None  # None: a single update
 
     def _write_summary(self, code: int) -> None:
         totals = self.shared.counters.totals()
