@@ -47,6 +47,8 @@ def main() -> None:
     parser.add_argument("--sustain", type=int, default=1, help="evaluations in a row that must reach --threshold")
     parser.add_argument("--title", default="greedy success (eval/success_rate)")
     parser.add_argument("--out", default="docs/learning_curve.png")
+    parser.add_argument("--log-x", action="store_true",
+                        help="env steps on a log axis (arms whose real env steps differ by orders of magnitude)")
     args = parser.parse_args()
     labels = args.labels or [Path(r).name for r in args.runs]
     fig, (ax_steps, ax_wall) = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -62,6 +64,8 @@ def main() -> None:
             print(f"{label}: never reached {args.threshold}; best {max(p['success'] for p in curve):.2f}")
         ax_steps.plot([p["env_steps"] for p in curve], [p["success"] for p in curve], marker="o", ms=3, label=label)
         ax_wall.plot([p["wall_s"] / 60 for p in curve], [p["success"] for p in curve], marker="o", ms=3, label=label)
+    if args.log_x:
+        ax_steps.set_xscale("log")
     ax_steps.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1000:.0f}k"))
     for ax, xlabel in ((ax_steps, "env steps"), (ax_wall, "wall clock (min)")):
         ax.axhline(args.threshold, color="grey", ls="--", lw=0.8)
@@ -69,7 +73,7 @@ def main() -> None:
         ax.set_ylabel("greedy success")
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize="small", ncol=1 + len(args.runs) // 5)
     fig.suptitle(args.title)
     fig.tight_layout()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
