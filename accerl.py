@@ -2001,8 +2001,13 @@ class Run:
             skeleton = make_policy(args.policy)
         proprio_dim = policy_proprio_dim(skeleton)
         if proprio_dim and proprio_dim != spec.proprio_dim:
-            raise SystemExit(f"accerl: the policy reads {proprio_dim}-D proprio (the proprio projector of "
-                             f"--policy.checkpoint), the {spec.name} env gives {spec.proprio_dim}-D")
+            raise SystemExit(f"accerl: the policy reads {proprio_dim}-D proprio (--policy.proprio-dim, or the "
+                             f"proprio projector of --policy.checkpoint), the {spec.name} env gives "
+                             f"{spec.proprio_dim}-D: use --policy.proprio-dim {spec.proprio_dim}")
+        if proprio_dim and wm.num_imagination_workers:
+            raise SystemExit("accerl: the policy reads proprio, but the world model does not predict it (an imagined "
+                             "episode keeps its start's proprio): drop --num-imagination-workers or use a policy "
+                             "without proprio (--policy.proprio-dim 0)")
         shape = StorageShape(num_segments=num_segments, segment_len=args.workers.segment_len,
                              num_cameras=len(spec.cameras), image_size=args.policy.image_size,
                              proprio_dim=spec.proprio_dim, instruction_len=args.policy.max_instruction_tokens,

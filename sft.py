@@ -190,9 +190,14 @@ class DemoChunks:
                                  f"{cfg.action_dim}-D")
             if cfg.num_cameras == 2 and e["wrist_images"] is None:
                 raise SystemExit(f"sft: --wrist-camera but {e['source']} has no wrist frames")
+            if cfg.proprio_dim and e["proprio"].shape[1] != cfg.proprio_dim:
+                raise SystemExit(f"sft: {e['source']} has {e['proprio'].shape[1]}-D proprio, the policy reads "
+                                 f"{cfg.proprio_dim}-D (--policy.proprio-dim)")
         cameras = ["images", "wrist_images"][: cfg.num_cameras]
         self.images = torch.from_numpy(np.concatenate(
             [np.stack([e[c] for c in cameras], axis=1) for e in episodes]))
+        self.proprio = (torch.from_numpy(np.concatenate([e["proprio"] for e in episodes]).astype(np.float32))
+                        if cfg.proprio_dim else torch.zeros(sum(len(e["actions"]) for e in episodes), 0))
         self.tokens = actions_to_tokens(torch.from_numpy(np.concatenate([e["actions"] for e in episodes])),
                                         cfg.num_bins)
         self.instruction_texts = sorted({e["instruction"] for e in episodes})
@@ -215,7 +220,7 @@ class DemoChunks:
         steps = torch.minimum(steps, end - 1)  # repeat-last; with "mask" these slots carry no loss
         mask = valid if self.pad == "mask" else torch.ones_like(valid)
         return {"images": self.images[index], "instruction": self.instructions[self.instruction_row[index]],
-                "action_tokens": self.tokens[steps], "mask": mask}
+                "action_tokens": self.tokens[steps], "mask": mask, "proprio": self.proprio[index]}
 
 
 def sft_loss(policy: VLAPolicy, batch: dict[str, torch.Tensor], device: torch.device,
@@ -224,7 +229,8 @@ def sft_loss(policy: VLAPolicy, batch: dict[str, torch.Tensor], device: torch.de
     counts once: the mean runs over valid slots x action_dim."""
     targets = batch["action_tokens"].to(device)
     with policy_autocast(device, cpu_bf16=bf16):
-        out = policy.evaluate(batch["images"].to(device), batch["instruction"].to(device), targets)
+        out = policy.evaluate(batch["images"].to(device), batch["instruction"].to(device), targets,
+                              proprio=batch["proprio"].to(device))
     mask = batch["mask"].to(device)[..., None].expand_as(targets).float()
     count = mask.sum().clamp_min(1.0)
     loss = -(out["logp"].float() * mask).sum() / count
@@ -290,8 +296,10 @@ def greedy_evaluation(policy: VLAPolicy, args: Args, episodes: int, device: torc
             order = list(running)
             images = torch.from_numpy(np.stack([np.stack([running[i][1][c] for c in cameras]) for i in order]))
             task_ids = torch.tensor([running[i][0] for i in order])
+            proprio = torch.from_numpy(np.stack([running[i][1]["proprio"] for i in order]).astype(np.float32))
             with policy_autocast(device, cpu_bf16=args.bf16):
-                actions = policy.act(images.to(device), instructions[task_ids].to(device), greedy=True)["actions"]
+                actions = policy.act(images.to(device), instructions[task_ids].to(device), greedy=True,
+                                     proprio=proprio[:, :cfg.proprio_dim].to(device))["actions"]
             for row, i in enumerate(order):
                 task, _, steps = running.pop(i)
                 obs, _, terminated, truncated, info = envs[i].step_chunk(actions[row].float().cpu().numpy())

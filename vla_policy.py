@@ -146,6 +146,15 @@ class PolicyConfig:
     the vision tokens then already mark what the instruction names, instead of the decoder having to
     match words to image regions across layers. The instruction code is a mean over its token embeddings
     plus a learned position table, through an MLP; the FiLM layers start at identity. ResNet tower only."""
+    keypoints: int = 0
+    """> 0 (ResNet tower): a spatial-softmax readout of this many keypoints (each a 1x1-conv map of the
+    stride-8 stage, its softmax over positions, the expected (x, y); Levine et al. 2016) enters the action slots'
+    inputs through the state MLP below. Where things are, as coordinates: what RL from pixels learned from on
+    tabletop2d where flattened or tokenised feature maps did not (benchmarks/rl_probe.py, docs/RESULTS.md)."""
+    proprio_dim: int = 0
+    """> 0: the policy reads this many robot-state entries (obs["proprio"]: tabletop2d 3, LIBERO 8), which enter
+    the action slots' inputs through the state MLP below, as OpenVLA-OFT's proprio projector feeds them to its
+    decoder. 0: images and instruction only."""
     vision_position_init: Literal["sincos2d", "random"] = "sincos2d"
     """Initial vision position embeddings: a 2-D sine-cosine code (where a patch is, readable from the
     start: RL from random init learns spatial tasks much faster) or SigLIP's random init. Trainable either way."""
@@ -248,6 +257,12 @@ class PolicyConfig:
             raise ValueError("the patch grid side must be a multiple of vision_token_merge")
         if self.instruction_film and self.vision_tower != "resnet":
             raise ValueError("instruction_film conditions the ResNet tower: set vision_tower='resnet'")
+        if self.keypoints and self.vision_tower != "resnet":
+            raise ValueError("keypoints read the ResNet tower's stride-8 stage: set vision_tower='resnet'")
+        if self.keypoints < 0 or self.proprio_dim < 0:
+            raise ValueError(f"keypoints ({self.keypoints}) and proprio_dim ({self.proprio_dim}) must be >= 0")
+        if self.bypass_decoder and (self.keypoints or self.proprio_dim):
+            raise ValueError("bypass_decoder (an ablation) takes neither keypoints nor proprio")
         if self.bypass_decoder and self.vision_tower != "resnet":
             raise ValueError("bypass_decoder reads the ResNet tower's feature map: set vision_tower='resnet'")
         if self.max_instruction_tokens < 2:
@@ -627,6 +642,16 @@ def _merge_patches(tokens: torch.Tensor, m: int) -> torch.Tensor:
     return blocks.reshape(n, (side // m) ** 2, m * m * dim)
 
 
+def spatial_softmax(maps: torch.Tensor, log_temperature: torch.Tensor) -> torch.Tensor:
+    """(N, K, h, w) maps -> (N, 2K) keypoints: each map's softmax over positions (at temperature
+    exp(log_temperature)), then the expected x in [-1, 1] (left to right) of all K maps, then the expected y."""
+    n, k, h, w = maps.shape
+    weights = (maps.float().flatten(2) / log_temperature.float().exp()).softmax(-1).view(n, k, h, w)
+    xs = torch.linspace(-1, 1, w, device=maps.device)
+    ys = torch.linspace(-1, 1, h, device=maps.device)
+    return torch.cat([(weights.sum(2) * xs).sum(-1), (weights.sum(3) * ys).sum(-1)], dim=1)
+
+
 def _sample_categorical(log_probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One sample from each categorical over the last dim, by inverse CDF: one uniform per token instead of
     one Gumbel per bin (10x cheaper on CPU: 0.3 vs 3.5 ms for a batch of 8 x 56 x 256)."""
@@ -718,7 +743,17 @@ class VLAPolicy(nn.Module):
             self.bypass_mlp = nn.Sequential(
                 nn.Linear(cfg.num_cameras * side * side * cfg.resnet_widths[-1] + cfg.hidden, cfg.hidden), nn.GELU(),
                 nn.Linear(cfg.hidden, cfg.hidden), nn.GELU())
-        if cfg.instruction_film or cfg.instruction_slots or cfg.bypass_decoder:
+        self.proprio_dim = cfg.proprio_dim  # the pipeline hands obs["proprio"] to a policy whose proprio_dim > 0
+        if cfg.keypoints:
+            # 1x1 conv of the stride-8 stage (stage 1) -> keypoint maps; a learned softmax temperature
+            self.keypoint_maps = nn.Conv2d(cfg.resnet_widths[1], cfg.keypoints, 1)
+            self.keypoint_log_temperature = nn.Parameter(torch.zeros(()))
+        if cfg.keypoints or cfg.proprio_dim:
+            # [keypoints of every camera, proprio, instruction code] -> a state added to every action slot's input:
+            # the slot then starts from what a plain state-based policy would see (its decoder layers add the rest)
+            state_in = 2 * cfg.keypoints * cfg.num_cameras + cfg.proprio_dim + cfg.hidden
+            self.state_mlp = nn.Sequential(nn.Linear(state_in, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, cfg.hidden))
+        if cfg.instruction_film or cfg.instruction_slots or cfg.bypass_decoder or cfg.keypoints or cfg.proprio_dim:
             self.instruction_position = nn.Parameter(torch.zeros(cfg.max_instruction_tokens, cfg.hidden))
             self.instruction_encoder = nn.Sequential(nn.Linear(cfg.hidden, cfg.hidden), nn.GELU())
         # Two-layer MLP projector into the LM width, as in OpenVLA / LLaVA-1.5.
@@ -839,7 +874,7 @@ class VLAPolicy(nn.Module):
         rule = torch.where((idx >= prefix_len)[:, None], torch.ones_like(prefix_rule), prefix_rule)
         return (rule[None] & key_valid[:, None, :])[:, None]
 
-    def _trunk(self, images: torch.Tensor, instruction_tokens: torch.Tensor):
+    def _trunk(self, images: torch.Tensor, instruction_tokens: torch.Tensor, proprio: torch.Tensor | None = None):
         """Shared forward: hidden states of the action slots and of the prefix, with the prefix's validity."""
         cfg = self.cfg
         device = self.action_slots.device
@@ -860,8 +895,9 @@ class VLAPolicy(nn.Module):
             pixels = pixels.sub_(127.0).div_(128.0)
         else:
             pixels = pixels.mul_(2.0 / 255.0).sub_(1.0)
+        keypoints = None
         if cfg.vision_tower == "resnet":
-            features = self._resnet(pixels, instruction_tokens)              # (B * cams, C, h, w)
+            features, keypoints = self._resnet(pixels, instruction_tokens)   # (B * cams, C, h, w), (B * cams, 2K)
             if cfg.bypass_decoder:
                 code = self._instruction_code(instruction_tokens)
                 state = self.bypass_mlp(torch.cat([features.reshape(batch, -1), code.to(features.dtype)], dim=1))
@@ -889,6 +925,8 @@ class VLAPolicy(nn.Module):
         slots = self.action_slots.to(text.dtype).expand(batch, -1, -1)
         if cfg.instruction_slots:
             slots = slots + self._instruction_code(instruction_tokens).to(text.dtype)[:, None]
+        if cfg.keypoints or cfg.proprio_dim:
+            slots = slots + self._state(keypoints, proprio, instruction_tokens, batch).to(text.dtype)[:, None]
         embeds = torch.cat([vision.to(text.dtype), text, slots], dim=1)
 
         n_vision, n_slots = cfg.vision_tokens, cfg.num_action_slots
@@ -919,22 +957,47 @@ class VLAPolicy(nn.Module):
         tokens = self.decoder.embed_tokens(instruction_tokens) + self.instruction_position[:instruction_tokens.shape[1]]
         return self.instruction_encoder((tokens * valid).sum(1) / valid.sum(1).clamp_min(1))
 
-    def _resnet(self, pixels: torch.Tensor, instruction_tokens: torch.Tensor) -> torch.Tensor:
-        """ResNet feature map (B * cams, C, h, w), FiLM-conditioned on the instruction when configured."""
-        if not self.cfg.instruction_film:
-            return self.vision(pixel_values=pixels).last_hidden_state
-        code = self._instruction_code(instruction_tokens).repeat_interleave(self.cfg.num_cameras, dim=0)
-        x = self.vision.embedder(pixels)
-        for stage, film in zip(self.vision.encoder.stages, self.film):
-            gamma, beta = film(code)[:, :, None, None].chunk(2, dim=1)
-            x = stage(x) * (1 + gamma) + beta
-        return x
-
-    def forward(self, images: torch.Tensor, instruction_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """images uint8 (B, cams, H, W, 3), instruction_tokens long (B, L) ->
-        (logits float32 (B, chunk_len, action_dim, num_bins), value float32 (B,))."""
+    def _resnet(self, pixels: torch.Tensor, instruction_tokens: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """ResNet feature map (B * cams, C, h, w), FiLM-conditioned on the instruction when configured, and the
+        keypoints (B * cams, 2 * keypoints) of the stride-8 stage when configured (else None)."""
         cfg = self.cfg
-        slots, prefix, prefix_valid = self._trunk(images, instruction_tokens)
+        if not cfg.instruction_film and not cfg.keypoints:
+            return self.vision(pixel_values=pixels).last_hidden_state, None
+        code = (self._instruction_code(instruction_tokens).repeat_interleave(cfg.num_cameras, dim=0)
+                if cfg.instruction_film else None)
+        x, keypoints = self.vision.embedder(pixels), None
+        for i, stage in enumerate(self.vision.encoder.stages):
+            x = stage(x)
+            if code is not None:
+                gamma, beta = self.film[i](code)[:, :, None, None].chunk(2, dim=1)
+                x = x * (1 + gamma) + beta
+            if i == 1 and cfg.keypoints:
+                keypoints = spatial_softmax(self.keypoint_maps(x), self.keypoint_log_temperature)
+        return x, keypoints
+
+    def _state(self, keypoints: torch.Tensor | None, proprio: torch.Tensor | None, instruction_tokens: torch.Tensor,
+               batch: int) -> torch.Tensor:
+        """(B, D): the state MLP of [keypoints of every camera, proprio, instruction code]."""
+        cfg = self.cfg
+        parts = [] if keypoints is None else [keypoints.reshape(batch, -1).float()]
+        if cfg.proprio_dim:
+            if proprio is None:
+                raise ValueError(f"this policy reads {cfg.proprio_dim}-D proprio (proprio_dim): pass proprio=(B, "
+                                 f"{cfg.proprio_dim}) to act / evaluate / forward")
+            proprio = torch.as_tensor(proprio).to(self.action_slots.device, torch.float32)
+            if proprio.shape != (batch, cfg.proprio_dim):
+                raise ValueError(f"proprio must be (B={batch}, {cfg.proprio_dim}), got {tuple(proprio.shape)}")
+            parts.append(proprio)
+        parts.append(self._instruction_code(instruction_tokens).float())
+        return self.state_mlp(torch.cat(parts, dim=1))
+
+    def forward(self, images: torch.Tensor, instruction_tokens: torch.Tensor, proprio: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """images uint8 (B, cams, H, W, 3), instruction_tokens long (B, L) (and proprio float (B, proprio_dim)
+        when the policy reads it) -> (logits float32 (B, chunk_len, action_dim, num_bins), value float32 (B,))."""
+        cfg = self.cfg
+        slots, prefix, prefix_valid = self._trunk(images, instruction_tokens, proprio)
         logits = _linear_fp32(slots, self.action_head)
         if cfg.action_head == "smooth":
             coefficients = logits.reshape(slots.shape[0], cfg.chunk_len, cfg.action_dim, cfg.smooth_basis)
@@ -953,13 +1016,14 @@ class VLAPolicy(nn.Module):
     def act(self, images: torch.Tensor, instruction_tokens: torch.Tensor, greedy: bool | torch.Tensor = False,
             generator: torch.Generator | None = None, proprio: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Pick an action chunk: sample every token, or take the argmax where `greedy` (bool or (B,) bool).
-        `proprio` is accepted and unused (the OpenVLA-OFT backend reads it: callers can pass it to either).
+        `proprio` float (B, proprio_dim): read when cfg.proprio_dim > 0, ignored otherwise (callers can pass it
+        to any policy, as to the OpenVLA-OFT backend).
 
         Returns "action_tokens" long (B, chunk, dim) bins, "actions" float32 (B, chunk, dim) bin centres in
         [-1, 1], "logp" float32 (B, chunk, dim) of the taken bins, "log_probs" float32 (B, chunk, dim, bins)
         (the behaviour distribution the KL term needs), "value" float32 (B,).
         """
-        logits, value = self(images, instruction_tokens)
+        logits, value = self(images, instruction_tokens, proprio)
         log_probs = logits.log_softmax(-1)
         argmax = log_probs.argmax(-1)
         if isinstance(greedy, bool):
@@ -978,8 +1042,8 @@ class VLAPolicy(nn.Module):
     def evaluate(self, images: torch.Tensor, instruction_tokens: torch.Tensor, action_tokens: torch.Tensor,
                  proprio: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Re-score stored actions with gradients (learner). Returns "logp" and "entropy" (B, chunk, dim),
-        "log_probs" (B, chunk, dim, bins) and "value" (B,), all float32. `proprio`: unused, as in `act`."""
-        logits, value = self(images, instruction_tokens)
+        "log_probs" (B, chunk, dim, bins) and "value" (B,), all float32. `proprio`: as in `act`."""
+        logits, value = self(images, instruction_tokens, proprio)
         log_probs = logits.log_softmax(-1)
         action_tokens = torch.as_tensor(action_tokens).to(log_probs.device).long()
         logp = log_probs.gather(-1, action_tokens.unsqueeze(-1)).squeeze(-1)

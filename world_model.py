@@ -1450,7 +1450,8 @@ def collect(cfg: Collect) -> dict:
                     if policy is not None:
                         with torch.no_grad():
                             chunk = policy.act(torch.from_numpy(obs["image"])[None, None], instructions[[t]],
-                                               generator=torch.Generator().manual_seed(int(rng.integers(2**31))))
+                                               generator=torch.Generator().manual_seed(int(rng.integers(2**31))),
+                                               proprio=torch.from_numpy(np.asarray(obs["proprio"], np.float32))[None])
                         chunk = chunk["actions"][0].float().numpy()
                     elif rng.random() < cfg.random_chunk_prob:
                         chunk = rng.uniform(-1, 1, (cfg.chunk_len, 7))

@@ -330,3 +330,14 @@ def test_entry_script_runs_with_imagination_workers_and_a_world_model_process(tm
     for role in ("[imagination_worker_0] ready", "[world_model] ready", "[learner] world model from"):
         assert role in result.stderr
     assert (run_dir / "checkpoints").is_dir()
+
+
+def test_imagination_refuses_a_policy_that_reads_proprio(tmp_path, wm_dir):
+    """The world model predicts frames, not the robot state: a proprio-reading policy would act on a stale one."""
+    from test_pipeline import TINY_POLICY
+    from accerl import derive_and_check
+    from vla_policy import PolicyConfig
+    args = wm_args(tmp_path, wm_dir)
+    args.policy = PolicyConfig(**TINY_POLICY, vision_tower="resnet", resnet_widths=(8, 16, 16, 16), proprio_dim=3)
+    with pytest.raises(SystemExit, match="does not predict it"):
+        Run(derive_and_check(args)).build(serial=True)

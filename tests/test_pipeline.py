@@ -412,3 +412,32 @@ def test_memory_use_follows_the_resident_memory():
     grown = memory_use()["rss_gib"]
     del block
     assert 0.01 < before < 64 and grown - before > 0.2, (before, grown)
+
+
+def proprio_policy_args(tmp_path: Path, proprio_dim: int = 3, **overrides) -> Args:
+    args = tiny_args(tmp_path, **overrides)
+    args.policy = PolicyConfig(**TINY_POLICY, vision_tower="resnet", resnet_widths=(8, 16, 16, 16),
+                               keypoints=2, proprio_dim=proprio_dim)
+    return derive_and_check(args)
+
+
+def test_a_proprio_policy_gets_the_env_proprio_and_a_mismatch_is_refused(tmp_path, monkeypatch):
+    """A policy with keypoints and proprio trains in the pipeline, and the env's proprio (tabletop2d: 3-D) is what
+    its state MLP reads, in rollouts and in the learner; a policy that reads another size is refused at build."""
+    from vla_policy import VLAPolicy
+    seen = []
+    original = VLAPolicy._state
+
+    def recording_state(self, keypoints, proprio, instruction_tokens, batch):
+        seen.append(None if proprio is None else torch.as_tensor(proprio).detach().clone())
+        return original(self, keypoints, proprio, instruction_tokens, batch)
+
+    monkeypatch.setattr(VLAPolicy, "_state", recording_state)
+    run, code, _ = run_serial(proprio_policy_args(tmp_path))
+    summary = json.loads((Path(run.run_dir) / "summary.json").read_text())
+    assert code == 0 and summary["updates"] >= 1
+    assert seen and all(p is not None and p.shape[1] == 3 for p in seen)
+    everything = torch.cat(seen)
+    assert everything.abs().sum() > 0 and everything.std(0).min() > 0  # real, varying robot states, not zeros
+    with pytest.raises(SystemExit, match="--policy.proprio-dim 3"):
+        Run(proprio_policy_args(tmp_path / "wrong", proprio_dim=5)).build(serial=True)

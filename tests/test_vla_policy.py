@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from vla_policy import (InstructionTokenizer, PolicyConfig, VLAPolicy, actions_to_tokens, policy_autocast,
-                        tokens_to_actions)
+                        spatial_softmax, tokens_to_actions)
 
 LAYOUTS = ["per_step", "per_dim"]
 INSTRUCTIONS = ["pick up the red block", "push the blue ball left"]
@@ -337,7 +337,7 @@ def test_instruction_conditioning_starts_as_identity_and_reaches_its_target():
         assert torch.allclose(policy(images, tokens)[0], plain(images, tokens)[0], atol=1e-5)
         for layer in policy.film:
             layer.weight.normal_(0, 0.1)
-        features = policy._resnet(pixels, tokens)
+        features, _ = policy._resnet(pixels, tokens)
     assert not torch.allclose(features[:2], features[2:])  # same pixels, different instructions
     slots_policy = make_policy(vision_tower="resnet", instruction_slots=True)
     codes = slots_policy._instruction_code(tokens)
@@ -362,3 +362,63 @@ def test_init_scales_and_decoder_bypass():
     assert bypass.decoder.layers[0].self_attn.q_proj.weight.grad is None
     with pytest.raises(ValueError, match="resnet"):
         PolicyConfig(bypass_decoder=True)
+
+
+# -- keypoints and proprio ---------------------------------------------------------------------------------
+
+
+def test_spatial_softmax_finds_the_peak():
+    """A sharp peak at the top-right cell reads as (x, y) = (1, -1); a flat map reads as the centre (0, 0)."""
+    maps = torch.zeros(1, 2, 8, 8)
+    maps[0, 0, 0, 7] = 10.0  # row 0 (top), column 7 (right)
+    points = spatial_softmax(maps, torch.tensor(-3.0))  # temperature e^-3: the softmax is one-hot
+    assert points.shape == (1, 4)
+    x, y = points[0, :2], points[0, 2:]  # layout [x of every map, y of every map]
+    assert torch.allclose(x, torch.tensor([1.0, 0.0]), atol=1e-4)
+    assert torch.allclose(y, torch.tensor([-1.0, 0.0]), atol=1e-4)
+
+
+def test_keypoints_and_proprio_reach_the_actions():
+    """A policy with a keypoint readout and proprio: act and evaluate agree, the proprio and the keypoints
+    change the logits, gradients reach both, a missing or misshaped proprio is a clear error, and save / load
+    keeps it."""
+    policy = make_policy(vision_tower="resnet", instruction_film=True, keypoints=4, proprio_dim=3, image_size=64)
+    randomise_action_head(policy)
+    images, tokens = make_inputs(policy, batch=2)
+    proprio = torch.tensor([[0.1, -0.2, 0.3], [0.5, 0.5, -0.5]])
+    with torch.no_grad():
+        out = policy.act(images, tokens, proprio=proprio)
+        again = policy.evaluate(images, tokens, out["action_tokens"], proprio=proprio)
+        moved = policy(images, tokens, proprio + 1.0)[0]
+    assert torch.allclose(out["logp"], again["logp"], atol=1e-5)
+    assert not torch.allclose(moved, policy(images, tokens, proprio)[0].detach())
+    evaluated = policy.evaluate(images, tokens, out["action_tokens"], proprio=proprio)
+    evaluated["logp"].sum().backward()
+    assert policy.keypoint_maps.weight.grad.abs().sum() > 0
+    assert policy.state_mlp[0].weight.grad[:, 2 * 4: 2 * 4 + 3].abs().sum() > 0  # the proprio columns
+    with pytest.raises(ValueError, match="proprio"):
+        policy.act(images, tokens)
+    with pytest.raises(ValueError, match=r"\(B=2, 3\)"):
+        policy.act(images, tokens, proprio=proprio[:, :2])
+    assert policy.proprio_dim == 3 and make_policy().proprio_dim == 0
+
+
+def test_keypoints_and_proprio_save_load(tmp_path):
+    policy = make_policy(vision_tower="resnet", keypoints=2, proprio_dim=3, image_size=64)
+    images, tokens = make_inputs(policy)
+    proprio = torch.randn(2, 3)
+    policy.save(str(tmp_path))
+    torch.manual_seed(123)
+    loaded = VLAPolicy.load(str(tmp_path)).eval()
+    assert loaded.cfg == policy.cfg and loaded.proprio_dim == 3
+    assert torch.equal(policy(images, tokens, proprio)[0], loaded(images, tokens, proprio)[0])
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"keypoints": 4}, "resnet"),
+    ({"vision_tower": "resnet", "keypoints": -1}, ">= 0"),
+    ({"vision_tower": "resnet", "bypass_decoder": True, "proprio_dim": 3}, "bypass_decoder"),
+])
+def test_keypoint_and_proprio_config_errors(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        PolicyConfig(**overrides)
