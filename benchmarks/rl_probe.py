@@ -80,6 +80,24 @@ class SpatialSoftmax(nn.Module):
         return torch.cat([(weights.sum(2) * xs).sum(-1), (weights.sum(3) * ys).sum(-1)], 1)
 
 
+class InstructedKeypoints(nn.Module):
+    """Feature maps + task one-hot -> where the instructed object is: each of `heads` queries (a linear map of
+    the task one-hot) scores every position by a dot product with its feature vector, and the spatial softmax
+    of those scores gives one expected (x, y) per head. Cross-attention from the instruction to the image
+    with positions as values: the grounding the objects probe learns, as one bilinear map."""
+
+    def __init__(self, channels: int, num_tasks: int, heads: int = 4):
+        super().__init__()
+        self.query = nn.Linear(num_tasks, heads * channels, bias=False)
+        self.heads, self.channels = heads, channels
+        self.keypoints = SpatialSoftmax()
+
+    def forward(self, maps: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        query = self.query(task).view(-1, self.heads, self.channels)
+        scores = torch.einsum("bhc,bcyx->bhyx", query, maps) / math.sqrt(self.channels)
+        return self.keypoints(scores)
+
+
 class ProbePolicy(nn.Module):
     def __init__(self, obs: str, obs_dim: int, image_size: int, chunk_len: int, num_bins: int,
                  trunk: str = "tanh", cnn: str = "nature"):
@@ -90,7 +108,12 @@ class ProbePolicy(nn.Module):
         # are the same in every frame; what differs, objects and EE, then carries the input's scale)
         self.register_buffer("pixel_mean", torch.zeros(3, 1, 1))
         self.pixel_scale = 1.0
-        if obs.startswith("pixels") and cnn == "keypoints":  # maps at half resolution -> 16 keypoints -> ReLU trunk
+        if obs.startswith("pixels") and cnn == "instructed":  # the task one-hot queries the maps -> ReLU trunk
+            self.cnn = nn.Sequential(nn.Conv2d(3, 32, 5, 2, 2), nn.ReLU(), nn.Conv2d(32, 32, 3, 1, 1), nn.ReLU(),
+                                     nn.Conv2d(32, 32, 1))
+            self.instructed = InstructedKeypoints(32, NUM_TASKS)
+            self.trunk = nn.Sequential(nn.Linear(2 * 4 + extra, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU())
+        elif obs.startswith("pixels") and cnn == "keypoints":  # maps at half resolution -> 16 keypoints -> ReLU trunk
             self.cnn = nn.Sequential(nn.Conv2d(3, 32, 5, 2, 2), nn.ReLU(), nn.Conv2d(32, 32, 3, 1, 1), nn.ReLU(),
                                      nn.Conv2d(32, 16, 1), SpatialSoftmax())
             self.trunk = nn.Sequential(nn.Linear(32 + extra, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU())
@@ -111,7 +134,10 @@ class ProbePolicy(nn.Module):
             p = 3 * self.image_size ** 2
             pixels = x[:, :p].view(-1, self.image_size, self.image_size, 3).permute(0, 3, 1, 2) / 255
             pixels = (pixels - self.pixel_mean) * self.pixel_scale
-            x = torch.cat([self.cnn(pixels), x[:, p:]], 1)
+            features = self.cnn(pixels)
+            if hasattr(self, "instructed"):  # the task one-hot is the input's last NUM_TASKS entries
+                features = self.instructed(features, x[:, -NUM_TASKS:])
+            x = torch.cat([features, x[:, p:]], 1)
         h = self.trunk(x)
         return self.head(h), self.value(h).squeeze(-1)
 
@@ -195,8 +221,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trunk", default="tanh", choices=["tanh", "relu"],
                         help="state trunk: tanh 128-256 or relu 256-256 (relative and objects only)")
-    parser.add_argument("--cnn", default="nature", choices=["nature", "keypoints"],
-                        help="pixels: the 3-layer Nature-DQN CNN, or convs + spatial softmax (16 keypoints)")
+    parser.add_argument("--cnn", default="nature", choices=["nature", "keypoints", "instructed"],
+                        help="pixels: the 3-layer Nature-DQN CNN, convs + spatial softmax (16 keypoints), or "
+                             "convs + 4 keypoints whose maps the task one-hot queries (InstructedKeypoints)")
     parser.add_argument("--pixel-norm", action="store_true",
                         help="pixels: subtract the mean of 512 reset frames and divide by their std")
     parser.add_argument("--bc-steps", type=int, default=0,
