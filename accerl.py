@@ -1416,13 +1416,14 @@ def published_tensors(policy: torch.nn.Module, trainable_only: bool,
 
 def proprio_input(proprio_dim: int, proprio: torch.Tensor, device) -> dict[str, torch.Tensor]:
     """The `proprio=` keyword of the policy's act / evaluate / forward: the env's raw robot state (B, proprio_dim)
-    from the storage rows, for a policy that reads it (`proprio_dim` > 0: an OpenVLA-OFT checkpoint with a
-    proprio projector); nothing for one that does not (VLAPolicy)."""
+    from the storage rows, for a policy that reads it (`proprio_dim` > 0: a VLAPolicy built with
+    --policy.proprio-dim, an OpenVLA-OFT checkpoint with a proprio projector); nothing for one that does not."""
     return {"proprio": proprio[..., :proprio_dim].to(device, non_blocking=True)} if proprio_dim else {}
 
 
 def policy_proprio_dim(policy: torch.nn.Module) -> int:
-    """Length of the robot state the policy reads (`OpenVLAOFTPolicy.proprio_dim`); 0: none (VLAPolicy)."""
+    """Length of the robot state the policy reads (its `proprio_dim`: VLAPolicy's config, or the size of an
+    OpenVLA-OFT checkpoint's proprio projector); 0: none."""
     return int(getattr(policy, "proprio_dim", 0))
 
 
