@@ -1739,15 +1739,26 @@ class Learner:
         # the dropped ones weighted 0, so that all run the same number of equal minibatches: each backward
         # is an all-reduce, and a rank that ran one fewer would leave the others waiting in it.
         order = torch.nonzero(mask).squeeze(1) if self.world_size == 1 else torch.arange(mask.numel())
-        for _ in range(args.algorithm.update_epochs):
-            order = order[torch.randperm(len(order))]
-            n = args.algorithm.num_minibatches
-            for mb in (order.chunk(n) if self.world_size == 1 else order.tensor_split(n)):
-                metrics, diag = self._minibatch_step({k: v[mb] for k, v in flat.items()})
-                for k, v in metrics.items():
-                    sums[k].append(v)
-                for k, v in diag.items():
-                    diagnostics[k].append(v)
+        epochs, n = args.algorithm.update_epochs, args.algorithm.num_minibatches
+
+        def minibatches():
+            shuffled = order
+            for _ in range(epochs):
+                shuffled = shuffled[torch.randperm(len(shuffled))]
+                yield from (shuffled.chunk(n) if self.world_size == 1 else shuffled.tensor_split(n))
+
+        for i, mb in enumerate(minibatches()):
+            # Ctrl-C / SIGTERM (shared.stop) mid-update: end this update after the minibatches done so far, so the
+            # final checkpoint is written inside the shutdown's 10 s even where one update takes longer (a CPU
+            # learner, several epochs). Data-parallel ranks always finish together: each backward is an all-reduce.
+            if i and self.world_size == 1 and self.shared.stop.is_set():
+                log(self.name, f"stopping: update {self.update + 1} ends after {i} of {epochs * n} minibatches")
+                break
+            metrics, diag = self._minibatch_step({k: v[mb] for k, v in flat.items()})
+            for k, v in metrics.items():
+                sums[k].append(v)
+            for k, v in diag.items():
+                diagnostics[k].append(v)
         self.scheduler.step()
         self.policy.eval()
 

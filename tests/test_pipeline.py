@@ -441,3 +441,33 @@ def test_a_proprio_policy_gets_the_env_proprio_and_a_mismatch_is_refused(tmp_pat
     assert everything.abs().sum() > 0 and everything.std(0).min() > 0  # real, varying robot states, not zeros
     with pytest.raises(SystemExit, match="--policy.proprio-dim 3"):
         Run(proprio_policy_args(tmp_path / "wrong", proprio_dim=5)).build(serial=True)
+
+
+def test_a_stop_signal_ends_the_learners_update_after_its_current_minibatch(tmp_path, monkeypatch):
+    """Ctrl-C / SIGTERM (shared.stop) mid-update: the learner ends the update after the minibatch in progress and
+    finishes it as a shorter one, so its final checkpoint is written inside the shutdown's 10 s even where one
+    update takes longer (a CPU learner, several epochs: a LIBERO run lost its final checkpoint that way)."""
+    from accerl import Learner
+    from test_scaling import _fill_storage
+    args = tiny_args(tmp_path, segments_per_update=2, update_epochs=2, num_minibatches=4, bf16=False)
+    run = Run(args)
+    run.build(serial=True)
+    run.chan.free_segments = queue.Queue()  # unbounded: the learner hands back segments nobody took from it
+    _fill_storage(run.shared.storage, [0, 1], args.workers.segment_len)
+    learner = Learner(args, run.spec, run.shared, run.chan, 0.0, "cpu", tmp_path, None)
+    steps, original = [], Learner._minibatch_step
+
+    def counting_step(self, mb):
+        steps.append(len(mb["mask"]))
+        if len(steps) == 3:
+            self.shared.stop.set()
+        return original(self, mb)
+
+    monkeypatch.setattr(Learner, "_minibatch_step", counting_step)
+    before = learner.scheduler.last_epoch
+    metrics = learner.train_on(learner._assemble([0, 1]))
+    assert len(steps) == 3 and all(size > 0 for size in steps)  # 3 of the 2 x 4 minibatches, then stopped
+    assert learner.scheduler.last_epoch == before + 1 and np.isfinite(metrics["losses/policy_loss"])
+    run.shared.stop.clear()
+    learner.train_on(learner._assemble([0, 1]))
+    assert len(steps) == 3 + 8  # without a stop, the whole update
