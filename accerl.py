@@ -2013,9 +2013,11 @@ class Run:
             skeleton = make_policy(args.policy)
         proprio_dim = policy_proprio_dim(skeleton)
         if proprio_dim and proprio_dim != spec.proprio_dim:
+            fix = (f"use --policy.proprio-dim {spec.proprio_dim}" if args.policy.backend == "vla" else
+                   "use a checkpoint whose proprio projector fits this env")
             raise SystemExit(f"accerl: the policy reads {proprio_dim}-D proprio (--policy.proprio-dim, or the "
                              f"proprio projector of --policy.checkpoint), the {spec.name} env gives "
-                             f"{spec.proprio_dim}-D: use --policy.proprio-dim {spec.proprio_dim}")
+                             f"{spec.proprio_dim}-D: {fix}")
         if proprio_dim and wm.num_imagination_workers:
             raise SystemExit("accerl: the policy reads proprio, but the world model does not predict it (an imagined "
                              "episode keeps its start's proprio): drop --num-imagination-workers or use a policy "
