@@ -753,7 +753,10 @@ class VLAPolicy(nn.Module):
             # the slot then starts from what a plain state-based policy would see (its decoder layers add the rest)
             state_in = 2 * cfg.keypoints * cfg.num_cameras + cfg.proprio_dim + cfg.hidden
             self.state_mlp = nn.Sequential(nn.Linear(state_in, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, cfg.hidden))
-        if cfg.instruction_film or cfg.instruction_slots or cfg.bypass_decoder or cfg.keypoints or cfg.proprio_dim:
+        # FiLM, instruction slots, the state MLP and the bypass ablation read one instruction code per forward
+        self.uses_instruction_code = bool(cfg.instruction_film or cfg.instruction_slots or cfg.bypass_decoder
+                                          or cfg.keypoints or cfg.proprio_dim)
+        if self.uses_instruction_code:
             self.instruction_position = nn.Parameter(torch.zeros(cfg.max_instruction_tokens, cfg.hidden))
             self.instruction_encoder = nn.Sequential(nn.Linear(cfg.hidden, cfg.hidden), nn.GELU())
         # Two-layer MLP projector into the LM width, as in OpenVLA / LLaVA-1.5.
@@ -895,11 +898,11 @@ class VLAPolicy(nn.Module):
             pixels = pixels.sub_(127.0).div_(128.0)
         else:
             pixels = pixels.mul_(2.0 / 255.0).sub_(1.0)
+        code = self._instruction_code(instruction_tokens) if self.uses_instruction_code else None
         keypoints = None
         if cfg.vision_tower == "resnet":
-            features, keypoints = self._resnet(pixels, instruction_tokens)   # (B * cams, C, h, w), (B * cams, 2K)
+            features, keypoints = self._resnet(pixels, instruction_tokens, code)  # (B*cams, C, h, w), (B*cams, 2K)
             if cfg.bypass_decoder:
-                code = self._instruction_code(instruction_tokens)
                 state = self.bypass_mlp(torch.cat([features.reshape(batch, -1), code.to(features.dtype)], dim=1))
                 slots = self.action_slots[None] + state[:, None]
                 return slots, slots, torch.ones(slots.shape[:2], dtype=torch.bool, device=device)
@@ -924,9 +927,9 @@ class VLAPolicy(nn.Module):
             text_valid = instruction_tokens != self.tokenizer.pad_id
         slots = self.action_slots.to(text.dtype).expand(batch, -1, -1)
         if cfg.instruction_slots:
-            slots = slots + self._instruction_code(instruction_tokens).to(text.dtype)[:, None]
+            slots = slots + code.to(text.dtype)[:, None]
         if cfg.keypoints or cfg.proprio_dim:
-            slots = slots + self._state(keypoints, proprio, instruction_tokens, batch).to(text.dtype)[:, None]
+            slots = slots + self._state(keypoints, proprio, code, batch).to(text.dtype)[:, None]
         embeds = torch.cat([vision.to(text.dtype), text, slots], dim=1)
 
         n_vision, n_slots = cfg.vision_tokens, cfg.num_action_slots
@@ -957,15 +960,19 @@ class VLAPolicy(nn.Module):
         tokens = self.decoder.embed_tokens(instruction_tokens) + self.instruction_position[:instruction_tokens.shape[1]]
         return self.instruction_encoder((tokens * valid).sum(1) / valid.sum(1).clamp_min(1))
 
-    def _resnet(self, pixels: torch.Tensor, instruction_tokens: torch.Tensor
+    def _resnet(self, pixels: torch.Tensor, instruction_tokens: torch.Tensor, code: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """ResNet feature map (B * cams, C, h, w), FiLM-conditioned on the instruction when configured, and the
-        keypoints (B * cams, 2 * keypoints) of the stride-8 stage when configured (else None)."""
+        keypoints (B * cams, 2 * keypoints) of the stride-8 stage when configured (else None). `code`: the
+        instruction code if the caller has it (computed here otherwise)."""
         cfg = self.cfg
         if not cfg.instruction_film and not cfg.keypoints:
             return self.vision(pixel_values=pixels).last_hidden_state, None
-        code = (self._instruction_code(instruction_tokens).repeat_interleave(cfg.num_cameras, dim=0)
-                if cfg.instruction_film else None)
+        if cfg.instruction_film:
+            code = self._instruction_code(instruction_tokens) if code is None else code
+            code = code.repeat_interleave(cfg.num_cameras, dim=0)
+        else:
+            code = None
         x, keypoints = self.vision.embedder(pixels), None
         for i, stage in enumerate(self.vision.encoder.stages):
             x = stage(x)
@@ -976,9 +983,9 @@ class VLAPolicy(nn.Module):
                 keypoints = spatial_softmax(self.keypoint_maps(x), self.keypoint_log_temperature)
         return x, keypoints
 
-    def _state(self, keypoints: torch.Tensor | None, proprio: torch.Tensor | None, instruction_tokens: torch.Tensor,
+    def _state(self, keypoints: torch.Tensor | None, proprio: torch.Tensor | None, code: torch.Tensor,
                batch: int) -> torch.Tensor:
-        """(B, D): the state MLP of [keypoints of every camera, proprio, instruction code]."""
+        """(B, D): the state MLP of [keypoints of every camera, proprio, instruction code (B, hidden)]."""
         cfg = self.cfg
         parts = [] if keypoints is None else [keypoints.reshape(batch, -1).float()]
         if cfg.proprio_dim:
@@ -989,7 +996,7 @@ class VLAPolicy(nn.Module):
             if proprio.shape != (batch, cfg.proprio_dim):
                 raise ValueError(f"proprio must be (B={batch}, {cfg.proprio_dim}), got {tuple(proprio.shape)}")
             parts.append(proprio)
-        parts.append(self._instruction_code(instruction_tokens).float())
+        parts.append(code.float())
         return self.state_mlp(torch.cat(parts, dim=1))
 
     def forward(self, images: torch.Tensor, instruction_tokens: torch.Tensor, proprio: torch.Tensor | None = None

@@ -41,7 +41,7 @@ import torch.nn as nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from accerl import AlgorithmArgs, compute_gae, policy_objective  # noqa: E402
 from envs.tabletop2d import SLOTS, Tabletop2D  # noqa: E402
-from vla_policy import actions_to_tokens, tokens_to_actions  # noqa: E402
+from vla_policy import actions_to_tokens, spatial_softmax, tokens_to_actions  # noqa: E402
 
 USED_DIMS = (0, 1, 6)  # the action dims tabletop2d reads: x, y, gripper
 NUM_TASKS = 4
@@ -74,10 +74,7 @@ class SpatialSoftmax(nn.Module):
         self.log_temperature = nn.Parameter(torch.zeros(()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        weights = (x.flatten(2) / self.log_temperature.exp()).softmax(-1).view(b, c, h, w)
-        ys, xs = torch.linspace(-1, 1, h, device=x.device), torch.linspace(-1, 1, w, device=x.device)
-        return torch.cat([(weights.sum(2) * xs).sum(-1), (weights.sum(3) * ys).sum(-1)], 1)
+        return spatial_softmax(x, self.log_temperature)
 
 
 class InstructedKeypoints(nn.Module):
