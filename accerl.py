@@ -281,6 +281,14 @@ class AlgorithmArgs:
     Same update, less activation memory: large presets, or sync mode where a minibatch holds every env's segment."""
     max_policy_lag: int | None = None
     """Drop samples produced by a policy more than this many updates old (None: keep all)."""
+    hindsight_relabel: bool = False
+    """Hindsight instruction relabelling (HER, Andrychowicz et al. 2017, with instructions as goals): an episode
+    that terminated meeting another task's goal (tabletop2d: a wrong grasp of object j) is also trained on as a
+    success of that task: a copy of its rows with task j's instruction, reward 1.0 at its end, values from the
+    current critic, the behaviour log-probs kept. The ratio pi(a | s, j) / pi_behaviour(a | s, k) is then an
+    importance weight, and GIPO's trust weight discounts a copy's tokens once the policy reads the instruction.
+    Copies stay out of the KL term and of the staleness instruments. Needs an env that reports which task an
+    episode achieved (EnvSpec.reports_achieved_task: tabletop2d, not LIBERO)."""
     bf16: bool = True
     """bf16 autocast in inference and learner (heads and log-probs stay fp32). On a CPU-only run it stays on
     only where the CPU has native bf16 (avx512_bf16 makes the default policy 1.3-1.6x faster, platform.md);
@@ -362,6 +370,9 @@ def derive_and_check(args: Args) -> Args:
                         **env_options(args))
     except (TypeError, ValueError) as exc:
         raise SystemExit(f"accerl: bad env options for --task {args.env.task}: {exc}")
+    if args.algorithm.hindsight_relabel and not spec.reports_achieved_task:
+        raise SystemExit(f"accerl: --hindsight-relabel needs an env that reports which task an episode achieved "
+                         f"(info['achieved_task']); {spec.name} does not: drop --hindsight-relabel")
     if args.policy.backend == "openvla-oft":  # before any of the checkpoint's code runs
         problems = openvla_oft_problems(args, spec)
         if problems:
@@ -992,6 +1003,8 @@ class EnvWorker:
             self._record_steps(i, row, actions, info, bool(terminated))
         storage.reward[seg, row] = reward
         storage.terminated[seg, row] = bool(terminated)
+        if terminated:
+            storage.achieved_task[seg, row] = int(info.get("achieved_task", -1))
         storage.truncated[seg, row] = bool(truncated)
         storage.env_steps[seg, row] = info["env_steps"]
         counters, (env_steps, chunk_steps, episodes, _) = self.shared.counters, self.source.counters
@@ -1303,6 +1316,37 @@ class _Stopping(Exception):
 # ===================================================================================================
 # Advantages and the objective (reference.md section 4)
 # ===================================================================================================
+def hindsight_copies(batch: dict[str, torch.Tensor], instructions: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    """--hindsight-relabel: copies of the segments (N, T) that hold an episode which terminated meeting another
+    task j's goal (batch["achieved_task"] at its last row), with task j's instruction tokens on that episode's
+    rows (from its first row in the segment to its end), reward 1.0 at its end and `mask` on those rows only.
+    Everything else (images, actions, behaviour log-probs) is the row as collected. None: no such episode."""
+    ends = batch["terminated"] & (batch["achieved_task"] >= 0) & (batch["achieved_task"] != batch["task_id"])
+    segments = torch.nonzero(ends.any(1)).squeeze(1)
+    if len(segments) == 0:
+        return None
+    copies = {k: v[segments].clone() for k, v in batch.items() if k in _PER_ROW}
+    ends, achieved = ends[segments], copies["achieved_task"]
+    episode_end = copies["terminated"] | copies["truncated"]
+    task = torch.full_like(achieved, -1)  # the relabelled task of each row's episode, -1: not relabelled
+    following = torch.full((len(segments),), -1, dtype=torch.long)
+    for t in reversed(range(task.shape[1])):  # each row takes the task of the episode end that follows it
+        following = torch.where(episode_end[:, t], torch.where(ends[:, t], achieved[:, t], -1), following)
+        task[:, t] = following
+    rows = task >= 0
+    copies["instruction"][rows] = instructions[task[rows]]
+    copies["task_id"] = torch.where(rows, task, copies["task_id"])
+    copies["reward"] = torch.where(ends, 1.0, copies["reward"])
+    copies["mask"] = copies["mask"] & rows
+    return copies
+
+
+_PER_ROW = ("images", "proprio", "instruction", "action_tokens", "logp", "log_probs", "value", "version", "reward",
+            "terminated", "truncated", "trunc_value", "valid", "env_steps", "imagined", "task_id", "achieved_task",
+            "lag", "mask")
+"""The (N, T, ...) fields of an assembled super batch."""
+
+
 def compute_gae(rewards: torch.Tensor, values: torch.Tensor, bootstrap: torch.Tensor, terminated: torch.Tensor,
                 truncated: torch.Tensor, trunc_values: torch.Tensor, gamma: float, lam: float
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1506,6 +1550,9 @@ class Learner:
             self.accelerator.unwrap_model(self.policy).load_state_dict(weights, strict=True)
             log(self.name, f"policy initialised from {args.experiment.init_policy}")
         self.getter = TimedGet(self.name, args.workers.wait_timeout_s)
+        if args.algorithm.hindsight_relabel:  # task id -> instruction tokens, as the env workers write them
+            self.instructions = make_tokenizer(args.policy).encode(list(spec.instructions),
+                                                                   args.policy.max_instruction_tokens)
         self.segments: list[int] = []  # real segments of the next update
         self.imagined: list[int] = []  # its imagined segments
         self.last_update_time = time.perf_counter()
@@ -1673,7 +1720,8 @@ class Learner:
         # indexing with a tensor copies; rows 0..T only (row T + 1 is scratch space)
         batch = {name: storage.fields[name][idx, : T + 1] for name in (
             "images", "proprio", "instruction", "action_tokens", "logp", "log_probs", "value", "version",
-            "reward", "terminated", "truncated", "trunc_value", "valid", "env_steps", "imagined")}
+            "reward", "terminated", "truncated", "trunc_value", "valid", "env_steps", "imagined", "task_id",
+            "achieved_task")}
         for seg in segments:
             imagined = bool(storage.imagined[seg, 0])
             (self.chan.imagined_free_segments if imagined else self.chan.free_segments).put(seg)
@@ -1715,16 +1763,33 @@ class Learner:
         advantages, returns = compute_gae(batch["reward"], values, bootstrap, batch["terminated"],
                                           batch["truncated"], batch["trunc_value"], args.algorithm.gamma,
                                           args.algorithm.gae_lambda)
-        flat = {k: batch[k].flatten(0, 1) for k in ("images", "proprio", "instruction", "action_tokens", "logp",
-                                                     "log_probs", "mask", "lag", "env_steps")}
+        keys = ("images", "proprio", "instruction", "action_tokens", "logp", "log_probs", "mask", "lag", "env_steps",
+                "imagined")
+        flat = {k: batch[k].flatten(0, 1) for k in keys}
         flat["advantages"], flat["returns"], flat["values"] = advantages.flatten(), returns.flatten(), values.flatten()
+        flat["relabelled"] = torch.zeros_like(flat["mask"])
+        copies = hindsight_copies(batch, self.instructions) if args.algorithm.hindsight_relabel else None
+        if copies is not None:  # appended after the real rows: GAE within each copied episode, current critic
+            R = len(copies["reward"])
+            copy_values = torch.zeros(R, T)
+            rows = copies["mask"]
+            copy_values[rows] = self._values(copies["images"][rows], copies["instruction"][rows], copies["proprio"][rows])
+            copy_adv, copy_ret = compute_gae(copies["reward"], copy_values, torch.zeros(R), copies["terminated"],
+                                             copies["truncated"], copies["trunc_value"], args.algorithm.gamma,
+                                             args.algorithm.gae_lambda)
+            extra = {k: copies[k].flatten(0, 1) for k in keys}
+            extra.update(advantages=copy_adv.flatten(), returns=copy_ret.flatten(), values=copy_values.flatten(),
+                         relabelled=rows.flatten())
+            flat = {k: torch.cat([flat[k], extra[k]]) for k in flat}
         mask = flat["mask"]
-        kept, kept_imagined = int(mask.sum()), int((mask & batch["imagined"].flatten()).sum())
+        kept, kept_imagined = int(mask.sum()), int((mask & flat["imagined"]).sum())
         counts = torch.tensor([kept, kept_imagined, mask.numel()])  # the ranks' shares may differ in size
         total_kept, total_imagined, total_rows = (int(x) for x in (
             counts if self.world_size == 1 else self._sum_over_ranks(counts)))
         if total_kept == 0:
             return {"charts/samples_kept_fraction": 0.0}
+        kept_relabelled = int((mask & flat["relabelled"]).sum())
+        raw_advantage_mean = flat["advantages"][mask].mean().item() if kept else 0.0
         if args.algorithm.norm_adv and self.world_size == 1:
             a = flat["advantages"][mask]
             flat["advantages"] = (flat["advantages"] - a.mean()) / (a.std(unbiased=False) + 1e-8)
@@ -1769,7 +1834,8 @@ class Learner:
             return out
         ratio, w = torch.cat(diagnostics["ratio"]), torch.cat(diagnostics["w"])
         u = (w * ratio).double()
-        lag = flat["lag"][mask].double()
+        own = mask & ~flat["relabelled"]  # the rows as collected; hindsight copies are off-policy by design
+        lag = flat["lag"][own].double()
         y, v = flat["returns"][mask], flat["values"][mask]
         out.update({
             "charts/policy_lag_mean": lag.mean().item(),
@@ -1781,7 +1847,8 @@ class Learner:
             "charts/explained_variance": (1 - (y - v).var() / (y.var() + 1e-8)).item(),
             "charts/samples_kept_fraction": total_kept / total_rows,
             "charts/imagined_sample_fraction": total_imagined / total_kept,
-            "charts/advantage_mean_raw": advantages.flatten()[mask].mean().item(),
+            "charts/relabelled_sample_fraction": kept_relabelled / kept,
+            "charts/advantage_mean_raw": raw_advantage_mean,
             "charts/lr_policy": self.optimizer.param_groups[0]["lr"],
             "charts/lr_value": self.optimizer.param_groups[1]["lr"],
         })
@@ -1838,9 +1905,13 @@ class Learner:
         adv = mb["advantages"].to(dev)[:, None, None].expand_as(tokens)[tokens]
         per_token, diag = policy_objective(algo.loss, logp, behaviour_logp, adv, algo)
         pg_loss = per_token.sum() / n_tokens
-        # KL(behaviour || current) over the full 256-way categorical of every such token
+        # KL(behaviour || current) over the full 256-way categorical of every such token; a hindsight copy's
+        # behaviour acted under another instruction, so it has no trust region to keep and no staleness to report
+        own = ~mb["relabelled"].to(dev)[:, None, None].expand_as(tokens)[tokens]
+        diag = {k: v[own] for k, v in diag.items()}
         b_logp_all = mb["log_probs"].to(dev).float()[tokens]
-        kl = (b_logp_all.exp() * (b_logp_all - out["log_probs"].float()[tokens])).sum(-1).sum() / n_tokens
+        kl_per_token = (b_logp_all.exp() * (b_logp_all - out["log_probs"].float()[tokens])).sum(-1)
+        kl = torch.where(own, kl_per_token, 0.0).sum() / n_tokens
         entropy = out["entropy"].float()[tokens].sum() / n_tokens
         value_error = (out["value"].float() - mb["returns"].to(dev)).square()
         value_loss = torch.where(keep, value_error, 0.0).sum() / n_samples

@@ -114,6 +114,8 @@ class RolloutStorage(SharedTensors):
             "task_id": torch.zeros(*rows, dtype=torch.int64),
             "reward": torch.zeros(*rows, dtype=torch.float32),
             "terminated": torch.zeros(*rows, dtype=torch.bool),
+            # at a termination: the task whose goal the final state meets (EnvSpec.reports_achieved_task), else -1
+            "achieved_task": torch.full(rows, -1, dtype=torch.int64),
             "truncated": torch.zeros(*rows, dtype=torch.bool),
             "trunc_value": torch.zeros(*rows, dtype=torch.float32),
             "valid": torch.zeros(*rows, dtype=torch.bool),
@@ -147,6 +149,7 @@ class RolloutStorage(SharedTensors):
         self.fields["task_id"][seg, row] = task_id
         self.fields["reward"][seg, row] = 0.0
         self.fields["terminated"][seg, row] = False
+        self.fields["achieved_task"][seg, row] = -1
         self.fields["truncated"][seg, row] = False
         self.fields["trunc_value"][seg, row] = 0.0
         self.fields["valid"][seg, row] = True

@@ -198,6 +198,32 @@ def behaviour_cloning(policy: ProbePolicy, optimizer, args, make) -> None:
                   f"{greedy_success(policy, args, make):.2f}", flush=True)
 
 
+def relabelled(policy, columns, rewards, terminated, truncated, grasped):
+    """Hindsight copies of the segment's wrong-grasp episodes (`--relabel`): the rows of each such episode (from
+    its start in this segment to the grasp) with the grasped object's task one-hot and reward 1 at the grasp;
+    values from the current critic under the new instruction, GAE within the episode, behaviour log-probs kept
+    (the trust weight discounts them once the policy reads the instruction). Other rows get mask 0."""
+    obs, tokens, behaviour_logp, _, _, ran = columns
+    N, T = rewards.shape
+    episode_task = torch.full((N, T), -1, dtype=torch.long)
+    for i in range(N):
+        j = -1
+        for t in reversed(range(T)):  # walk back from each wrong grasp to the previous episode end
+            if terminated[i, t] or truncated[i, t]:
+                j = int(grasped[i, t])
+            episode_task[i, t] = j
+    new_obs = obs.clone()
+    rows = episode_task >= 0
+    new_obs[rows, -NUM_TASKS:] = torch.eye(NUM_TASKS)[episode_task[rows]]
+    with torch.no_grad():
+        new_values = policy(new_obs.flatten(0, 1))[1].view(N, T)
+    new_rewards = torch.where(grasped >= 0, 1.0, rewards)
+    zeros = torch.zeros(N)
+    advantages, returns = compute_gae(new_rewards, new_values, zeros, terminated | ~rows, truncated & rows,
+                                      torch.zeros(N, T), 0.99, 0.95)
+    return [new_obs, tokens, behaviour_logp, advantages, returns, ran * rows[..., None, None].float()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--obs", default="relative", choices=["relative", "objects", "pixels", "pixels+ee"])
@@ -223,6 +249,10 @@ def main() -> None:
                              "convs + 4 keypoints whose maps the task one-hot queries (InstructedKeypoints)")
     parser.add_argument("--pixel-norm", action="store_true",
                         help="pixels: subtract the mean of 512 reset frames and divide by their std")
+    parser.add_argument("--relabel", action="store_true",
+                        help="hindsight instruction relabelling: an episode that ended in a wrong grasp of object j "
+                             "is also trained on as a success of task j (its rows copied with task j's one-hot, "
+                             "reward 1 at the grasp, values from the current critic, the behaviour log-probs kept)")
     parser.add_argument("--bc-steps", type=int, default=0,
                         help="instead of RL: this many behaviour-cloning steps on the scripted expert (labels)")
     args = parser.parse_args()
@@ -262,6 +292,7 @@ def main() -> None:
         rewards, values, trunc_values = torch.zeros(N, T), torch.zeros(N, T), torch.zeros(N, T)
         terminated, truncated = torch.zeros(N, T, dtype=torch.bool), torch.zeros(N, T, dtype=torch.bool)
         steps_run = torch.zeros(N, T, dtype=torch.long)
+        grasped = torch.full((N, T), -1, dtype=torch.long)  # object grasped at a wrong-grasp end, else -1
         for t in range(T):
             x = torch.from_numpy(np.stack([observe(env, args.obs) for env in envs]))
             with torch.no_grad():
@@ -274,6 +305,8 @@ def main() -> None:
                 _, reward, term, trunc, info = env.step_chunk(to_env_actions(sampled[i], args.num_bins))
                 env_steps += info["env_steps"]
                 rewards[i, t], terminated[i, t], truncated[i, t], steps_run[i, t] = reward, term, trunc, info["env_steps"]
+                if term and not info["success"]:
+                    grasped[i, t] = info["grasped"]
                 if trunc:  # the time limit is not part of the task: bootstrap from the final state
                     with torch.no_grad():
                         trunc_values[i, t] = policy(torch.from_numpy(observe(env, args.obs))[None])[1][0]
@@ -286,11 +319,18 @@ def main() -> None:
         with torch.no_grad():
             bootstrap = policy(torch.from_numpy(np.stack([observe(env, args.obs) for env in envs])))[1]
         advantages, returns = compute_gae(rewards, values, bootstrap, terminated, truncated, trunc_values, 0.99, 0.95)
-        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
         ran = (torch.arange(K)[None, None] < steps_run[..., None]).float()[..., None].expand(-1, -1, K, D)
-        flat = [z.reshape(N * T, *z.shape[2:]) for z in (obs, tokens, behaviour_logp, advantages, returns, ran)]
+        columns = [obs, tokens, behaviour_logp, advantages, returns, ran]
+        if args.relabel and (grasped >= 0).any():
+            columns = [torch.cat(pair) for pair in zip(columns, relabelled(policy, columns, rewards, terminated,
+                                                                            truncated, grasped))]
+        rows = columns[0].shape[0] * T
+        flat = [z.reshape(rows, *z.shape[2:]) for z in columns]
+        keep = flat[5].flatten(1).any(1)  # relabelled copies keep only their episodes' rows
+        flat = [z[keep] for z in flat]
+        flat[3] = (flat[3] - flat[3].mean()) / (flat[3].std() + 1e-8)
         for _ in range(args.update_epochs):
-            for idx in torch.randperm(N * T).chunk(args.num_minibatches):
+            for idx in torch.randperm(len(flat[0])).chunk(args.num_minibatches):
                 x, tok, old_logp, adv, ret, mask = (z[idx] for z in flat)
                 logits, value = policy(x)
                 log_probs = logits.log_softmax(-1)

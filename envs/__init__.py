@@ -51,6 +51,10 @@ class EnvSpec:
     """Action dimensions that affect the env (None: all). The learner leaves the others out of the
     policy loss: the reward cannot depend on them, so their tokens' score terms have zero mean and only
     add variance (tabletop2d ignores the rotation dims that exist for the 7-D contract)."""
+    reports_achieved_task: bool = False
+    """At an episode's termination, info["achieved_task"] names the task whose goal the final state meets (-1:
+    none), whatever the episode's own task was, and that task's success would have paid reward 1.0: what
+    hindsight relabelling (--hindsight-relabel) needs. tabletop2d: the grasped object; LIBERO: not reported."""
     action_stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None
     """(low, high) of the dataset statistics the adapter de-normalises action dims 0..len(low)-1 with
     (a = 0.5 (x + 1)(high - low) + low; LIBERO: OpenVLA's q01 / q99 of the suite), for policies trained on

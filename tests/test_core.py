@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from accerl import AlgorithmArgs, compute_gae, effective_tokens, gipo_trust_weight, lr_lambda, policy_objective
+from accerl import (AlgorithmArgs, compute_gae, effective_tokens, gipo_trust_weight, hindsight_copies, lr_lambda,
+                    policy_objective)
 
 
 def reference_gae(rewards, values, bootstrap, terminated, truncated, trunc_values, gamma, lam):
@@ -168,3 +169,31 @@ def test_effective_tokens_keep_executed_steps_of_used_dims():
     assert mask[0].sum() == 8 * 3 and mask[1].sum() == 3 * 3  # 3 of 8 steps ran before the episode ended
     assert not mask[1, 3:].any() and mask[1, :3][:, [0, 1, 6]].all() and not mask[:, :, 2:6].any()
     assert mask[2].sum() == 8 * 3  # no step count recorded: every step kept
+
+
+def test_hindsight_copies_relabel_only_episodes_that_met_another_tasks_goal():
+    N, T, L = 3, 6, 4
+    instructions = torch.arange(4 * L).view(4, L) + 100  # task j's tokens: 100 + 4j ...
+    batch = {"task_id": torch.ones(N, T, dtype=torch.long), "achieved_task": torch.full((N, T), -1),
+             "terminated": torch.zeros(N, T, dtype=torch.bool), "truncated": torch.zeros(N, T, dtype=torch.bool),
+             "reward": torch.zeros(N, T), "mask": torch.ones(N, T, dtype=torch.bool),
+             "instruction": instructions[1].expand(N, T, L).clone(), "logp": torch.randn(N, T, 8, 7),
+             "bootstrap_value": torch.zeros(N)}
+    # segment 0: rows 0-1 end an episode truncated, rows 2-4 an episode that grasped task 3's object, row 5 goes on
+    batch["truncated"][0, 1] = True
+    batch["terminated"][0, 4], batch["achieved_task"][0, 4] = True, 3
+    # segment 1: a success (achieved == own task): nothing to relabel; segment 2: a wrong grasp of 0 at row 0
+    batch["terminated"][1, 2], batch["achieved_task"][1, 2], batch["reward"][1, 2] = True, 1, 1.0
+    batch["terminated"][2, 0], batch["achieved_task"][2, 0] = True, 0
+    batch["mask"][2, 0] = False  # a dropped row stays dropped in its copy
+    copies = hindsight_copies(batch, instructions)
+    assert copies["reward"].shape == (2, T) and "bootstrap_value" not in copies  # segments 0 and 2 only
+    assert copies["mask"].tolist() == [[False, False, True, True, True, False], [False] * T]
+    assert torch.equal(copies["instruction"][0, 2:5], instructions[3].expand(3, L))
+    assert torch.equal(copies["instruction"][0, [0, 1, 5]], instructions[1].expand(3, L))
+    assert copies["task_id"][0].tolist() == [1, 1, 3, 3, 3, 1] and copies["task_id"][1, 0] == 0
+    assert copies["reward"][0].tolist() == [0, 0, 0, 0, 1, 0] and copies["reward"][1, 0] == 1.0
+    assert torch.equal(copies["logp"], batch["logp"][[0, 2]])  # what the behaviour policy did, kept
+    assert batch["reward"][0, 4] == 0 and torch.equal(batch["instruction"][0, 3], instructions[1])  # not in place
+    batch["achieved_task"][0, 4] = batch["achieved_task"][2, 0] = -1
+    assert hindsight_copies(batch, instructions) is None

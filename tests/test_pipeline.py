@@ -1,6 +1,7 @@
 """Plumbing of the pipeline in serial mode (the same role objects as the processes, one process):
 storage and queues, weight publication, checkpoints and resume, env restarts."""
 
+import dataclasses
 import json
 import os
 import pickle
@@ -471,3 +472,31 @@ def test_a_stop_signal_ends_the_learners_update_after_its_current_minibatch(tmp_
     run.shared.stop.clear()
     learner.train_on(learner._assemble([0, 1]))
     assert len(steps) == 3 + 8  # without a stop, the whole update
+
+
+def test_hindsight_relabel_adds_wrong_grasps_as_successes_and_is_refused_where_envs_cannot_tell(tmp_path,
+                                                                                               monkeypatch):
+    seen = []
+    original = Learner._minibatch_step
+
+    def recording(self, mb):
+        seen.append((mb["relabelled"].clone(), mb["mask"].clone(), mb["advantages"].clone()))
+        return original(self, mb)
+
+    monkeypatch.setattr(Learner, "_minibatch_step", recording)
+    run, code, recorded = run_serial(tiny_args(tmp_path, hindsight_relabel=True, total_env_steps=2000),
+                                     wrap_queues=True)
+    assert code == 0
+    fractions = [m["charts/relabelled_sample_fraction"] for kind, _, m in recorded["stats"] if kind == "update"]
+    relabelled = torch.cat([r for r, _, _ in seen])
+    assert relabelled.any() and max(fractions) > 0
+    assert abs(relabelled.float().mean().item() - np.mean(fractions)) < 0.1  # one minibatch per update here
+    # a copy ends in reward 1 at its last row, so its advantages lean positive against the rest
+    advantages = torch.cat([a for _, _, a in seen])
+    assert advantages[relabelled].mean() > advantages[~relabelled].mean()
+    import accerl
+    from envs import env_spec as real_env_spec
+    monkeypatch.setattr(accerl, "env_spec", lambda *a, **k: dataclasses.replace(real_env_spec(*a, **k),
+                                                                                reports_achieved_task=False))
+    with pytest.raises(SystemExit, match="drop --hindsight-relabel"):
+        tiny_args(tmp_path / "refused", hindsight_relabel=True)

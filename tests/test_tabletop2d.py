@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from envs import env_spec, make_env
-from envs.tabletop2d import EE_COLOUR, INSTRUCTIONS, SLOTS, Tabletop2D, expert_chunk, sweep_chunk
+from envs.tabletop2d import EE_COLOUR, INSTRUCTIONS, SLOTS, Tabletop2D, expert_chunk, sweep_chunk, tabletop2d_spec
 
 OPEN, CLOSE = -1.0, 1.0
 
@@ -51,7 +51,7 @@ def test_step_returns_gymnasium_tuple_and_contract_info():
     assert env.instruction == INSTRUCTIONS[2]
     obs, reward, terminated, truncated, info = env.step(action(0.5, -0.5, CLOSE))
     assert reward == 0.0 and terminated is False and truncated is False
-    assert info == {"success": False, "task_id": 2, "env_steps": 1, "grasped": -1}
+    assert info == {"success": False, "task_id": 2, "env_steps": 1, "grasped": -1, "achieved_task": -1}
     np.testing.assert_allclose(obs["proprio"][:2], env.ee_xy, atol=1e-6)
     assert obs["proprio"][2] == 1.0  # gripper closed
 
@@ -178,6 +178,7 @@ def test_a_wrong_grasp_ends_the_episode_without_reward():
     _, reward, terminated, truncated, info = env.step_chunk(expert_chunk(env, 16, task_id=other))
     assert (reward, terminated, truncated) == (0.0, True, False)
     assert info["grasped"] == other and not info["success"]
+    assert info["achieved_task"] == other and tabletop2d_spec().reports_achieved_task  # hindsight relabelling's input
     with pytest.raises(RuntimeError, match="reset"):
         env.step(action())
     env = Tabletop2D(seed=13, wrong_grasp="ignore")
