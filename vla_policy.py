@@ -148,9 +148,16 @@ class PolicyConfig:
     plus a learned position table, through an MLP; the FiLM layers start at identity. ResNet tower only."""
     keypoints: int = 0
     """> 0 (ResNet tower): a spatial-softmax readout of this many keypoints (each a 1x1-conv map of the
-    stride-8 stage, its softmax over positions, the expected (x, y); Levine et al. 2016) enters the action slots'
+    --policy.keypoint-stage stage (stride 8 by default), its softmax over positions, the expected (x, y); Levine et al. 2016) enters the action slots'
     inputs through the state MLP below. Where things are, as coordinates: what RL from pixels learned from on
     tabletop2d where flattened or tokenised feature maps did not (benchmarks/rl_probe.py, docs/RESULTS.md)."""
+    instructed_keypoints: bool = False
+    """With keypoints: each keypoint map is the dot product of the feature map with a query that a linear map of
+    the instruction code makes (cross-attention from the instruction to the image, positions as values), instead
+    of a fixed 1x1 conv: the keypoints are then where the named object is. On tabletop2d's RL probe this readout
+    learned from pixels where fixed keypoints barely did (benchmarks/rl_probe.py --cnn instructed, docs/RESULTS.md)."""
+    keypoint_stage: int = 1
+    """ResNet stage the keypoints read (0: stride 4, 1: stride 8, ...): 16 x 16 or 8 x 8 positions at 64 px."""
     proprio_dim: int = 0
     """> 0: the policy reads this many robot-state entries (obs["proprio"]: tabletop2d 3, LIBERO 8), which enter
     the action slots' inputs through the state MLP below, as OpenVLA-OFT's proprio projector feeds them to its
@@ -258,7 +265,11 @@ class PolicyConfig:
         if self.instruction_film and self.vision_tower != "resnet":
             raise ValueError("instruction_film conditions the ResNet tower: set vision_tower='resnet'")
         if self.keypoints and self.vision_tower != "resnet":
-            raise ValueError("keypoints read the ResNet tower's stride-8 stage: set vision_tower='resnet'")
+            raise ValueError("keypoints read a stage of the ResNet tower: set vision_tower='resnet'")
+        if self.instructed_keypoints and not self.keypoints:
+            raise ValueError("instructed_keypoints queries keypoint maps: set keypoints > 0")
+        if self.keypoints and not 0 <= self.keypoint_stage < len(self.resnet_widths):
+            raise ValueError(f"keypoint_stage {self.keypoint_stage}: the ResNet has stages 0-{len(self.resnet_widths) - 1}")
         if self.keypoints < 0 or self.proprio_dim < 0:
             raise ValueError(f"keypoints ({self.keypoints}) and proprio_dim ({self.proprio_dim}) must be >= 0")
         if self.bypass_decoder and (self.keypoints or self.proprio_dim):
@@ -745,8 +756,12 @@ class VLAPolicy(nn.Module):
                 nn.Linear(cfg.hidden, cfg.hidden), nn.GELU())
         self.proprio_dim = cfg.proprio_dim  # the pipeline hands obs["proprio"] to a policy whose proprio_dim > 0
         if cfg.keypoints:
-            # 1x1 conv of the stride-8 stage (stage 1) -> keypoint maps; a learned softmax temperature
-            self.keypoint_maps = nn.Conv2d(cfg.resnet_widths[1], cfg.keypoints, 1)
+            # keypoint maps of one stage: a 1x1 conv, or queries made from the instruction code; a learned temperature
+            width = cfg.resnet_widths[cfg.keypoint_stage]
+            if cfg.instructed_keypoints:
+                self.keypoint_query = nn.Linear(cfg.hidden, cfg.keypoints * width)
+            else:
+                self.keypoint_maps = nn.Conv2d(width, cfg.keypoints, 1)
             self.keypoint_log_temperature = nn.Parameter(torch.zeros(()))
         if cfg.keypoints or cfg.proprio_dim:
             # [keypoints of every camera, proprio, instruction code] -> a state added to every action slot's input:
@@ -963,24 +978,27 @@ class VLAPolicy(nn.Module):
     def _resnet(self, pixels: torch.Tensor, instruction_tokens: torch.Tensor, code: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """ResNet feature map (B * cams, C, h, w), FiLM-conditioned on the instruction when configured, and the
-        keypoints (B * cams, 2 * keypoints) of the stride-8 stage when configured (else None). `code`: the
+        keypoints (B * cams, 2 * keypoints) of the keypoint stage when configured (else None). `code`: the
         instruction code if the caller has it (computed here otherwise)."""
         cfg = self.cfg
         if not cfg.instruction_film and not cfg.keypoints:
             return self.vision(pixel_values=pixels).last_hidden_state, None
-        if cfg.instruction_film:
+        if cfg.instruction_film or cfg.instructed_keypoints:
             code = self._instruction_code(instruction_tokens) if code is None else code
-            code = code.repeat_interleave(cfg.num_cameras, dim=0)
-        else:
-            code = None
+            code = code.repeat_interleave(cfg.num_cameras, dim=0)  # one per image
         x, keypoints = self.vision.embedder(pixels), None
         for i, stage in enumerate(self.vision.encoder.stages):
             x = stage(x)
-            if code is not None:
+            if cfg.instruction_film:
                 gamma, beta = self.film[i](code)[:, :, None, None].chunk(2, dim=1)
                 x = x * (1 + gamma) + beta
-            if i == 1 and cfg.keypoints:
-                keypoints = spatial_softmax(self.keypoint_maps(x), self.keypoint_log_temperature)
+            if i == cfg.keypoint_stage and cfg.keypoints:
+                if cfg.instructed_keypoints:
+                    query = self.keypoint_query(code).view(len(x), cfg.keypoints, x.shape[1])
+                    maps = torch.einsum("bkc,bchw->bkhw", query.to(x.dtype), x) / math.sqrt(x.shape[1])
+                else:
+                    maps = self.keypoint_maps(x)
+                keypoints = spatial_softmax(maps, self.keypoint_log_temperature)
         return x, keypoints
 
     def _state(self, keypoints: torch.Tensor | None, proprio: torch.Tensor | None, code: torch.Tensor,

@@ -139,6 +139,31 @@ class ProbePolicy(nn.Module):
         return self.head(h), self.value(h).squeeze(-1)
 
 
+class VLAProbe(nn.Module):
+    """`--net vla`: the pipeline's VLAPolicy (ResNet tower + instruction FiLM + the session-3 init scales,
+    `--vla-keypoints` keypoints, the env's 3-D proprio) in the probe's loop, on `--obs pixels+proprio`: the
+    instruction tokens are task k's, the logits those of the used dims. Same loop, same head size: what
+    differs from `--cnn instructed` is the network alone."""
+
+    def __init__(self, image_size: int, chunk_len: int, num_bins: int, keypoints: int, overrides: dict):
+        super().__init__()
+        from envs.tabletop2d import INSTRUCTIONS
+        from vla_policy import PolicyConfig, VLAPolicy, make_tokenizer
+
+        cfg = PolicyConfig(image_size=image_size, vision_tower="resnet", instruction_film=True,
+                           decoder_init_std=0.0625, embedding_init_std=0.3, keypoints=keypoints, proprio_dim=3,
+                           chunk_len=chunk_len, num_bins=num_bins, **overrides)
+        self.vla, self.image_size = VLAPolicy(cfg), image_size
+        self.register_buffer("instructions", make_tokenizer(cfg).encode(list(INSTRUCTIONS), cfg.max_instruction_tokens))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        p = 3 * self.image_size ** 2
+        images = x[:, :p].view(-1, 1, self.image_size, self.image_size, 3).round().to(torch.uint8)
+        task = x[:, -NUM_TASKS:].argmax(1)
+        logits, value = self.vla(images, self.instructions[task], proprio=x[:, p:p + 3])
+        return logits[:, :, list(USED_DIMS)], value
+
+
 def observe(env: Tabletop2D, obs: str) -> np.ndarray:
     task = np.eye(NUM_TASKS)[env.task_id]
     if obs == "relative":
@@ -148,6 +173,8 @@ def observe(env: Tabletop2D, obs: str) -> np.ndarray:
     image = env._observe()["image"].reshape(-1)
     if obs == "pixels+ee":
         return np.concatenate([image, env.ee_xy, task]).astype(np.float32)
+    if obs == "pixels+proprio":
+        return np.concatenate([image, env._observe()["proprio"], task]).astype(np.float32)
     return np.concatenate([image, task]).astype(np.float32)
 
 
@@ -203,7 +230,7 @@ def relabelled(policy, columns, rewards, terminated, truncated, grasped):
     its start in this segment to the grasp) with the grasped object's task one-hot and reward 1 at the grasp;
     values from the current critic under the new instruction, GAE within the episode, behaviour log-probs kept
     (the trust weight discounts them once the policy reads the instruction). Other rows get mask 0."""
-    obs, tokens, behaviour_logp, _, _, ran = columns
+    obs, tokens, behaviour_logp, _, _, ran, _, behaviour_all = columns
     N, T = rewards.shape
     episode_task = torch.full((N, T), -1, dtype=torch.long)
     for i in range(N):
@@ -221,12 +248,14 @@ def relabelled(policy, columns, rewards, terminated, truncated, grasped):
     zeros = torch.zeros(N)
     advantages, returns = compute_gae(new_rewards, new_values, zeros, terminated | ~rows, truncated & rows,
                                       torch.zeros(N, T), 0.99, 0.95)
-    return [new_obs, tokens, behaviour_logp, advantages, returns, ran * rows[..., None, None].float()]
+    return [new_obs, tokens, behaviour_logp, advantages, returns, ran * rows[..., None, None].float(),
+            torch.zeros(N, T), behaviour_all]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--obs", default="relative", choices=["relative", "objects", "pixels", "pixels+ee"])
+    parser.add_argument("--obs", default="relative", choices=["relative", "objects", "pixels", "pixels+ee",
+                                                                    "pixels+proprio"])
     parser.add_argument("--env-options", default="{}", help='tabletop2d options as JSON, e.g. \'{"layout": "fixed"}\'')
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--num-envs", type=int, default=16)
@@ -247,6 +276,13 @@ def main() -> None:
     parser.add_argument("--cnn", default="nature", choices=["nature", "keypoints", "instructed"],
                         help="pixels: the 3-layer Nature-DQN CNN, convs + spatial softmax (16 keypoints), or "
                              "convs + 4 keypoints whose maps the task one-hot queries (InstructedKeypoints)")
+    parser.add_argument("--net", default="probe", choices=["probe", "vla"],
+                        help="the probe's networks (--cnn, --trunk) or the pipeline's VLAPolicy (VLAProbe; needs "
+                             "--obs pixels+proprio)")
+    parser.add_argument("--vla-keypoints", type=int, default=16)
+    parser.add_argument("--vla-config", default="{}", help='more PolicyConfig fields as JSON, e.g. \'{"hidden": 128}\'')
+    parser.add_argument("--kl-coef", type=float, default=0.0,
+                        help="KL(behaviour || current) over the used dims' full categoricals, as the learner's")
     parser.add_argument("--pixel-norm", action="store_true",
                         help="pixels: subtract the mean of 512 reset frames and divide by their std")
     parser.add_argument("--relabel", action="store_true",
@@ -267,8 +303,14 @@ def main() -> None:
     for env in envs:
         env.reset()
     obs_dim = observe(envs[0], args.obs).shape[0]
-    policy = ProbePolicy(args.obs, obs_dim, args.image_size, args.chunk_len, args.num_bins, args.trunk,
-                         cnn=args.cnn)
+    if args.net == "vla":
+        if args.obs != "pixels+proprio":
+            parser.error("--net vla reads the image, the proprio and the task: use --obs pixels+proprio")
+        policy = VLAProbe(args.image_size, args.chunk_len, args.num_bins, args.vla_keypoints,
+                          json.loads(args.vla_config))
+    else:
+        policy = ProbePolicy(args.obs, obs_dim, args.image_size, args.chunk_len, args.num_bins, args.trunk,
+                             cnn=args.cnn)
     if args.obs.startswith("pixels") and args.pixel_norm:
         probe_env, frames = make(args.seed + 99), []
         for _ in range(512):
@@ -288,7 +330,7 @@ def main() -> None:
     for update in range(1, args.updates + 1):
         obs = torch.zeros(N, T, obs_dim)
         tokens = torch.zeros(N, T, K, D, dtype=torch.long)
-        behaviour_logp = torch.zeros(N, T, K, D)
+        behaviour_logp, behaviour_all = torch.zeros(N, T, K, D), torch.zeros(N, T, K, D, args.num_bins)
         rewards, values, trunc_values = torch.zeros(N, T), torch.zeros(N, T), torch.zeros(N, T)
         terminated, truncated = torch.zeros(N, T, dtype=torch.bool), torch.zeros(N, T, dtype=torch.bool)
         steps_run = torch.zeros(N, T, dtype=torch.long)
@@ -301,6 +343,7 @@ def main() -> None:
                 sampled = torch.distributions.Categorical(logits=log_probs).sample()
             obs[:, t], tokens[:, t], values[:, t] = x, sampled, value
             behaviour_logp[:, t] = log_probs.gather(-1, sampled[..., None])[..., 0]
+            behaviour_all[:, t] = log_probs
             for i, env in enumerate(envs):
                 _, reward, term, trunc, info = env.step_chunk(to_env_actions(sampled[i], args.num_bins))
                 env_steps += info["env_steps"]
@@ -320,7 +363,7 @@ def main() -> None:
             bootstrap = policy(torch.from_numpy(np.stack([observe(env, args.obs) for env in envs])))[1]
         advantages, returns = compute_gae(rewards, values, bootstrap, terminated, truncated, trunc_values, 0.99, 0.95)
         ran = (torch.arange(K)[None, None] < steps_run[..., None]).float()[..., None].expand(-1, -1, K, D)
-        columns = [obs, tokens, behaviour_logp, advantages, returns, ran]
+        columns = [obs, tokens, behaviour_logp, advantages, returns, ran, torch.ones(N, T), behaviour_all]
         if args.relabel and (grasped >= 0).any():
             columns = [torch.cat(pair) for pair in zip(columns, relabelled(policy, columns, rewards, terminated,
                                                                             truncated, grasped))]
@@ -331,14 +374,15 @@ def main() -> None:
         flat[3] = (flat[3] - flat[3].mean()) / (flat[3].std() + 1e-8)
         for _ in range(args.update_epochs):
             for idx in torch.randperm(len(flat[0])).chunk(args.num_minibatches):
-                x, tok, old_logp, adv, ret, mask = (z[idx] for z in flat)
+                x, tok, old_logp, adv, ret, mask, own, old_all = (z[idx] for z in flat)
                 logits, value = policy(x)
                 log_probs = logits.log_softmax(-1)
                 logp = log_probs.gather(-1, tok[..., None])[..., 0]
                 per_token, _ = policy_objective(args.loss, logp, old_logp, adv[:, None, None], algo)
                 entropy = (-(log_probs.exp() * log_probs).sum(-1) * mask).sum() / mask.sum()
+                kl = (old_all.exp() * (old_all - log_probs)).sum(-1) * mask * own[:, None, None, None]
                 loss = (per_token * mask).sum() / mask.sum() + 0.5 * (value - ret).square().mean() \
-                    - args.ent_coef * entropy
+                    - args.ent_coef * entropy + args.kl_coef * kl.sum() / mask.sum()
                 optimizer.zero_grad()
                 loss.backward()
                 nn.utils.clip_grad_norm_(policy.parameters(), 1.0)

@@ -403,6 +403,24 @@ def test_keypoints_and_proprio_reach_the_actions():
     assert policy.proprio_dim == 3 and make_policy().proprio_dim == 0
 
 
+def test_instructed_keypoints_follow_the_instruction_and_learn():
+    """Instructed keypoints: the same image under two instructions gives different keypoints (the query is made
+    from the instruction), gradients reach the query, and the stage option picks the map's resolution."""
+    policy = make_policy(vision_tower="resnet", keypoints=4, instructed_keypoints=True, keypoint_stage=0,
+                         image_size=64)
+    images, _ = make_inputs(policy, batch=1)
+    pixels = images.flatten(0, 1).permute(0, 3, 1, 2).float().expand(2, -1, -1, -1) / 255
+    tokens = policy.tokenizer.encode(["pick up the red block", "pick up the blue triangle"], 32)
+    seen = {}
+    hook = policy.vision.encoder.stages[0].register_forward_hook(lambda m, i, o: seen.update(shape=o.shape))
+    features, keypoints = policy._resnet(pixels, tokens)
+    hook.remove()
+    assert seen["shape"][-2:] == (16, 16) and keypoints.shape == (2, 8)  # stride 4 at 64 px; (x, y) x 4
+    assert not torch.allclose(keypoints[0], keypoints[1])
+    keypoints.sum().backward()
+    assert policy.keypoint_query.weight.grad.abs().sum() > 0 and not hasattr(policy, "keypoint_maps")
+
+
 def test_keypoints_and_proprio_save_load(tmp_path):
     policy = make_policy(vision_tower="resnet", keypoints=2, proprio_dim=3, image_size=64)
     images, tokens = make_inputs(policy)
@@ -418,6 +436,8 @@ def test_keypoints_and_proprio_save_load(tmp_path):
     ({"keypoints": 4}, "resnet"),
     ({"vision_tower": "resnet", "keypoints": -1}, ">= 0"),
     ({"vision_tower": "resnet", "bypass_decoder": True, "proprio_dim": 3}, "bypass_decoder"),
+    ({"vision_tower": "resnet", "instructed_keypoints": True}, "keypoints > 0"),
+    ({"vision_tower": "resnet", "keypoints": 4, "keypoint_stage": 4}, "stages 0-3"),
 ])
 def test_keypoint_and_proprio_config_errors(overrides, match):
     with pytest.raises(ValueError, match=match):
