@@ -154,8 +154,9 @@ class PolicyConfig:
     instructed_keypoints: bool = False
     """With keypoints: each keypoint map is the dot product of the feature map with a query that a linear map of
     the instruction code makes (cross-attention from the instruction to the image, positions as values), instead
-    of a fixed 1x1 conv: the keypoints are then where the named object is. On tabletop2d's RL probe this readout
-    learned from pixels where fixed keypoints barely did (benchmarks/rl_probe.py --cnn instructed, docs/RESULTS.md)."""
+    of a fixed 1x1 conv: the keypoints can then be where the named object is. In tabletop2d's RL probe this readout
+    learned from pixels where fixed keypoints barely did (benchmarks/rl_probe.py --cnn instructed); inside this
+    VLA it has not been shown to help yet (rl_probe --net vla, session 14 in docs/RESULTS.md)."""
     keypoint_stage: int = 1
     """ResNet stage the keypoints read (0: stride 4, 1: stride 8, ...): 16 x 16 or 8 x 8 positions at 64 px."""
     proprio_dim: int = 0
