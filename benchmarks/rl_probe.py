@@ -7,6 +7,10 @@
     python benchmarks/rl_probe.py --obs objects --trunk relu --lr 1e-3 --bc-steps 400   # the same net on labels
     python benchmarks/rl_probe.py --obs pixels                            # a small CNN on the 128 px image
     python benchmarks/rl_probe.py --obs pixels --image-size 64 --pixel-norm   # the mean frame subtracted, unit std
+    python benchmarks/rl_probe.py --obs pixels+ee --cnn instructed --image-size 64 --trunk relu --lr 1e-3 \
+        --ent-coef 0.01 --updates 500 --relabel   # hindsight relabelling: solves it from pixels (~0.5-0.8 M env steps)
+    python benchmarks/rl_probe.py --obs pixels+proprio --net vla --image-size 64 --lr 1e-3 --ent-coef 0.01 --relabel \
+        --vla-config '{"decoder_layers": 1, "hidden": 128, "instructed_keypoints": true}'   # the pipeline's VLAPolicy
 
 One process, synchronous PPO-style loop: `--num-envs` tabletop2d envs step `--segment-len` chunks per update
 (one chunk = 8 actions), then `--update-epochs` x `--num-minibatches` optimiser steps on the batch. The
@@ -150,9 +154,9 @@ class VLAProbe(nn.Module):
         from envs.tabletop2d import INSTRUCTIONS
         from vla_policy import PolicyConfig, VLAPolicy, make_tokenizer
 
-        cfg = PolicyConfig(image_size=image_size, vision_tower="resnet", instruction_film=True,
-                           decoder_init_std=0.0625, embedding_init_std=0.3, keypoints=keypoints, proprio_dim=3,
-                           chunk_len=chunk_len, num_bins=num_bins, **overrides)
+        fields = dict(image_size=image_size, vision_tower="resnet", instruction_film=True, decoder_init_std=0.0625,
+                      embedding_init_std=0.3, keypoints=keypoints, proprio_dim=3, chunk_len=chunk_len, num_bins=num_bins)
+        cfg = PolicyConfig(**{**fields, **overrides})  # --vla-config wins
         self.vla, self.image_size = VLAPolicy(cfg), image_size
         self.register_buffer("instructions", make_tokenizer(cfg).encode(list(INSTRUCTIONS), cfg.max_instruction_tokens))
 
