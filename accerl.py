@@ -1773,7 +1773,8 @@ class Learner:
             R = len(copies["reward"])
             copy_values = torch.zeros(R, T)
             rows = copies["mask"]
-            copy_values[rows] = self._values(copies["images"][rows], copies["instruction"][rows], copies["proprio"][rows])
+            copy_values[rows] = self._values(copies["images"][rows], copies["instruction"][rows],
+                                             copies["proprio"][rows])
             copy_adv, copy_ret = compute_gae(copies["reward"], copy_values, torch.zeros(R), copies["terminated"],
                                              copies["truncated"], copies["trunc_value"], args.algorithm.gamma,
                                              args.algorithm.gae_lambda)

@@ -147,10 +147,11 @@ class PolicyConfig:
     match words to image regions across layers. The instruction code is a mean over its token embeddings
     plus a learned position table, through an MLP; the FiLM layers start at identity. ResNet tower only."""
     keypoints: int = 0
-    """> 0 (ResNet tower): a spatial-softmax readout of this many keypoints (each a 1x1-conv map of the
-    --policy.keypoint-stage stage (stride 8 by default), its softmax over positions, the expected (x, y); Levine et al. 2016) enters the action slots'
-    inputs through the state MLP below. Where things are, as coordinates: what RL from pixels learned from on
-    tabletop2d where flattened or tokenised feature maps did not (benchmarks/rl_probe.py, docs/RESULTS.md)."""
+    """> 0 (ResNet tower): a spatial-softmax readout of this many keypoints (each a 1x1-conv map of the stage
+    --policy.keypoint-stage picks, stride 8 by default; its softmax over positions, the expected (x, y); Levine et
+    al. 2016) enters the action slots' inputs through the state MLP below. Where things are, as coordinates: what
+    RL from pixels learned from on tabletop2d where flattened or tokenised feature maps did not
+    (benchmarks/rl_probe.py, docs/RESULTS.md)."""
     instructed_keypoints: bool = False
     """With keypoints: each keypoint map is the dot product of the feature map with a query that a linear map of
     the instruction code makes (cross-attention from the instruction to the image, positions as values), instead
@@ -270,7 +271,8 @@ class PolicyConfig:
         if self.instructed_keypoints and not self.keypoints:
             raise ValueError("instructed_keypoints queries keypoint maps: set keypoints > 0")
         if self.keypoints and not 0 <= self.keypoint_stage < len(self.resnet_widths):
-            raise ValueError(f"keypoint_stage {self.keypoint_stage}: the ResNet has stages 0-{len(self.resnet_widths) - 1}")
+            raise ValueError(f"keypoint_stage {self.keypoint_stage}: the ResNet has stages "
+                             f"0-{len(self.resnet_widths) - 1}")
         if self.keypoints < 0 or self.proprio_dim < 0:
             raise ValueError(f"keypoints ({self.keypoints}) and proprio_dim ({self.proprio_dim}) must be >= 0")
         if self.bypass_decoder and (self.keypoints or self.proprio_dim):

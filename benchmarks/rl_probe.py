@@ -155,7 +155,8 @@ class VLAProbe(nn.Module):
         from vla_policy import PolicyConfig, VLAPolicy, make_tokenizer
 
         fields = dict(image_size=image_size, vision_tower="resnet", instruction_film=True, decoder_init_std=0.0625,
-                      embedding_init_std=0.3, keypoints=keypoints, proprio_dim=3, chunk_len=chunk_len, num_bins=num_bins)
+                      embedding_init_std=0.3, keypoints=keypoints, proprio_dim=3, chunk_len=chunk_len,
+                      num_bins=num_bins)
         cfg = PolicyConfig(**{**fields, **overrides})  # --vla-config wins
         self.vla, self.image_size = VLAPolicy(cfg), image_size
         self.register_buffer("instructions", make_tokenizer(cfg).encode(list(INSTRUCTIONS), cfg.max_instruction_tokens))
