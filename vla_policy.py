@@ -140,7 +140,9 @@ class PolicyConfig:
     bypass_decoder: bool = False
     """Ablation, not a VLA (ResNet tower): every action slot's state is its slot embedding plus an MLP of [the
     flattened feature map, the instruction code], as in a plain CNN + task embedding policy; the decoder is
-    skipped. Tells whether RL or the VLA trunk limits learning (docs/RESULTS.md)."""
+    skipped. Tells whether RL or the VLA trunk limits learning (docs/RESULTS.md). With keypoints or proprio, the
+    slot state is the state MLP of [keypoints, proprio, instruction code] instead (the pixel probe's layout on this
+    tower: with the critic's gradient in the trunk it learned where the decoder path did not, session 14)."""
     instruction_film: bool = False
     """Condition the ResNet tower on the instruction (FiLM after every stage, as RT-1's FiLM-EfficientNet):
     the vision tokens then already mark what the instruction names, instead of the decoder having to
@@ -275,8 +277,6 @@ class PolicyConfig:
                              f"0-{len(self.resnet_widths) - 1}")
         if self.keypoints < 0 or self.proprio_dim < 0:
             raise ValueError(f"keypoints ({self.keypoints}) and proprio_dim ({self.proprio_dim}) must be >= 0")
-        if self.bypass_decoder and (self.keypoints or self.proprio_dim):
-            raise ValueError("bypass_decoder (an ablation) takes neither keypoints nor proprio")
         if self.bypass_decoder and self.vision_tower != "resnet":
             raise ValueError("bypass_decoder reads the ResNet tower's feature map: set vision_tower='resnet'")
         if self.max_instruction_tokens < 2:
@@ -752,7 +752,7 @@ class VLAPolicy(nn.Module):
             with torch.no_grad():
                 table = self.vision.embeddings.position_embedding.weight
                 table.copy_(_sincos_2d(cfg.image_size // cfg.patch_size, cfg.vision_hidden) * 0.5)
-        if cfg.bypass_decoder:
+        if cfg.bypass_decoder and not (cfg.keypoints or cfg.proprio_dim):
             side = cfg.image_size // 2 ** (len(cfg.resnet_widths) + 1)
             self.bypass_mlp = nn.Sequential(
                 nn.Linear(cfg.num_cameras * side * side * cfg.resnet_widths[-1] + cfg.hidden, cfg.hidden), nn.GELU(),
@@ -920,6 +920,9 @@ class VLAPolicy(nn.Module):
         keypoints = None
         if cfg.vision_tower == "resnet":
             features, keypoints = self._resnet(pixels, instruction_tokens, code)  # (B*cams, C, h, w), (B*cams, 2K)
+            if cfg.bypass_decoder and (cfg.keypoints or cfg.proprio_dim):  # the state MLP alone feeds the slots
+                slots = self.action_slots[None] + self._state(keypoints, proprio, code, batch)[:, None]
+                return slots, slots, torch.ones(slots.shape[:2], dtype=torch.bool, device=device)
             if cfg.bypass_decoder:
                 state = self.bypass_mlp(torch.cat([features.reshape(batch, -1), code.to(features.dtype)], dim=1))
                 slots = self.action_slots[None] + state[:, None]

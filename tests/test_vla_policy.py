@@ -348,7 +348,7 @@ def test_instruction_conditioning_starts_as_identity_and_reaches_its_target():
 
 def test_init_scales_and_decoder_bypass():
     """The init options set what they name; the decoder-bypass ablation acts, trains through its MLP (not the
-    decoder) and needs the ResNet tower."""
+    decoder) or, with keypoints and proprio, through the state MLP, and needs the ResNet tower."""
     policy = make_policy(decoder_init_std=0.0625, embedding_init_std=0.3)
     q = policy.decoder.layers[0].self_attn.q_proj.weight
     assert abs(q.std().item() - 0.0625) < 0.005
@@ -362,6 +362,15 @@ def test_init_scales_and_decoder_bypass():
     assert bypass.decoder.layers[0].self_attn.q_proj.weight.grad is None
     with pytest.raises(ValueError, match="resnet"):
         PolicyConfig(bypass_decoder=True)
+    # with keypoints and proprio, the state MLP alone feeds the slots; the critic's gradient reaches the tower
+    state = make_policy(vision_tower="resnet", bypass_decoder=True, keypoints=4, instructed_keypoints=True,
+                        proprio_dim=3, image_size=64, value_detach=False)
+    images, tokens = make_inputs(state, batch=2)
+    proprio = torch.randn(2, 3)
+    out = state.evaluate(images, tokens, state.act(images, tokens, proprio=proprio)["action_tokens"], proprio=proprio)
+    out["value"].sum().backward()
+    assert state.state_mlp[0].weight.grad.abs().sum() > 0 and state.keypoint_query.weight.grad.abs().sum() > 0
+    assert state.decoder.layers[0].self_attn.q_proj.weight.grad is None and not hasattr(state, "bypass_mlp")
 
 
 # -- keypoints and proprio ---------------------------------------------------------------------------------
@@ -435,7 +444,6 @@ def test_keypoints_and_proprio_save_load(tmp_path):
 @pytest.mark.parametrize("overrides,match", [
     ({"keypoints": 4}, "resnet"),
     ({"vision_tower": "resnet", "keypoints": -1}, ">= 0"),
-    ({"vision_tower": "resnet", "bypass_decoder": True, "proprio_dim": 3}, "bypass_decoder"),
     ({"vision_tower": "resnet", "instructed_keypoints": True}, "keypoints > 0"),
     ({"vision_tower": "resnet", "keypoints": 4, "keypoint_stage": 4}, "stages 0-3"),
 ])
