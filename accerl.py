@@ -1320,12 +1320,13 @@ def hindsight_copies(batch: dict[str, torch.Tensor], instructions: torch.Tensor)
     """--hindsight-relabel: copies of the segments (N, T) that hold an episode which terminated meeting another
     task j's goal (batch["achieved_task"] at its last row), with task j's instruction tokens on that episode's
     rows (from its first row in the segment to its end), reward 1.0 at its end and `mask` on those rows only.
-    Everything else (images, actions, behaviour log-probs) is the row as collected. None: no such episode."""
+    Everything else (images, actions, behaviour log-probs) is the row as collected; the per-segment bootstrap_*
+    fields are left out. None: no such episode."""
     ends = batch["terminated"] & (batch["achieved_task"] >= 0) & (batch["achieved_task"] != batch["task_id"])
     segments = torch.nonzero(ends.any(1)).squeeze(1)
     if len(segments) == 0:
         return None
-    copies = {k: v[segments].clone() for k, v in batch.items() if k in _PER_ROW}
+    copies = {k: v[segments].clone() for k, v in batch.items() if not k.startswith("bootstrap")}
     ends, achieved = ends[segments], copies["achieved_task"]
     episode_end = copies["terminated"] | copies["truncated"]
     task = torch.full_like(achieved, -1)  # the relabelled task of each row's episode, -1: not relabelled
@@ -1339,12 +1340,6 @@ def hindsight_copies(batch: dict[str, torch.Tensor], instructions: torch.Tensor)
     copies["reward"] = torch.where(ends, 1.0, copies["reward"])
     copies["mask"] = copies["mask"] & rows
     return copies
-
-
-_PER_ROW = ("images", "proprio", "instruction", "action_tokens", "logp", "log_probs", "value", "version", "reward",
-            "terminated", "truncated", "trunc_value", "valid", "env_steps", "imagined", "task_id", "achieved_task",
-            "lag", "mask")
-"""The (N, T, ...) fields of an assembled super batch."""
 
 
 def compute_gae(rewards: torch.Tensor, values: torch.Tensor, bootstrap: torch.Tensor, terminated: torch.Tensor,

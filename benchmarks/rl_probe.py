@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from accerl import AlgorithmArgs, compute_gae, policy_objective  # noqa: E402
+from accerl import AlgorithmArgs, compute_gae, hindsight_copies, policy_objective  # noqa: E402
 from envs.tabletop2d import SLOTS, Tabletop2D  # noqa: E402
 from vla_policy import actions_to_tokens, spatial_softmax, tokens_to_actions  # noqa: E402
 
@@ -230,31 +230,27 @@ def behaviour_cloning(policy: ProbePolicy, optimizer, args, make) -> None:
                   f"{greedy_success(policy, args, make):.2f}", flush=True)
 
 
-def relabelled(policy, columns, rewards, terminated, truncated, grasped):
-    """Hindsight copies of the segment's wrong-grasp episodes (`--relabel`): the rows of each such episode (from
-    its start in this segment to the grasp) with the grasped object's task one-hot and reward 1 at the grasp;
-    values from the current critic under the new instruction, GAE within the episode, behaviour log-probs kept
-    (the trust weight discounts them once the policy reads the instruction). Other rows get mask 0."""
+def relabelled(policy, columns, rewards, terminated, truncated, achieved):
+    """Hindsight copies of the segment's wrong-grasp episodes (`--relabel`), made by the learner's own
+    `hindsight_copies` with the task one-hot (the input's last NUM_TASKS entries) as the instruction: the rows of
+    each such episode with the grasped object's one-hot, reward 1 at the grasp; values from the current critic
+    under the new instruction, GAE within the episode, behaviour log-probs kept. Other rows get mask 0."""
     obs, tokens, behaviour_logp, _, _, ran, _, behaviour_all = columns
-    N, T = rewards.shape
-    episode_task = torch.full((N, T), -1, dtype=torch.long)
-    for i in range(N):
-        j = -1
-        for t in reversed(range(T)):  # walk back from each wrong grasp to the previous episode end
-            if terminated[i, t] or truncated[i, t]:
-                j = int(grasped[i, t])
-            episode_task[i, t] = j
-    new_obs = obs.clone()
-    rows = episode_task >= 0
-    new_obs[rows, -NUM_TASKS:] = torch.eye(NUM_TASKS)[episode_task[rows]]
+    task = obs[..., -NUM_TASKS:]
+    copies = hindsight_copies({
+        "obs": obs, "instruction": task, "task_id": task.argmax(-1), "achieved_task": achieved, "reward": rewards,
+        "terminated": terminated, "truncated": truncated, "mask": torch.ones_like(terminated), "tokens": tokens,
+        "behaviour_logp": behaviour_logp, "ran": ran, "behaviour_all": behaviour_all}, torch.eye(NUM_TASKS))
+    if copies is None:
+        return None
+    copies["obs"][..., -NUM_TASKS:] = copies["instruction"]
+    R, T = copies["reward"].shape
     with torch.no_grad():
-        new_values = policy(new_obs.flatten(0, 1))[1].view(N, T)
-    new_rewards = torch.where(grasped >= 0, 1.0, rewards)
-    zeros = torch.zeros(N)
-    advantages, returns = compute_gae(new_rewards, new_values, zeros, terminated | ~rows, truncated & rows,
-                                      torch.zeros(N, T), 0.99, 0.95)
-    return [new_obs, tokens, behaviour_logp, advantages, returns, ran * rows[..., None, None].float(),
-            torch.zeros(N, T), behaviour_all]
+        values = policy(copies["obs"].flatten(0, 1))[1].view(R, T)
+    advantages, returns = compute_gae(copies["reward"], values, torch.zeros(R), copies["terminated"],
+                                      copies["truncated"], torch.zeros(R, T), 0.99, 0.95)
+    return [copies["obs"], copies["tokens"], copies["behaviour_logp"], advantages, returns,
+            copies["ran"] * copies["mask"][..., None, None].float(), torch.zeros(R, T), copies["behaviour_all"]]
 
 
 def main() -> None:
@@ -339,7 +335,7 @@ def main() -> None:
         rewards, values, trunc_values = torch.zeros(N, T), torch.zeros(N, T), torch.zeros(N, T)
         terminated, truncated = torch.zeros(N, T, dtype=torch.bool), torch.zeros(N, T, dtype=torch.bool)
         steps_run = torch.zeros(N, T, dtype=torch.long)
-        grasped = torch.full((N, T), -1, dtype=torch.long)  # object grasped at a wrong-grasp end, else -1
+        achieved = torch.full((N, T), -1, dtype=torch.long)  # at an episode's termination: the task it met
         for t in range(T):
             x = torch.from_numpy(np.stack([observe(env, args.obs) for env in envs]))
             with torch.no_grad():
@@ -353,8 +349,8 @@ def main() -> None:
                 _, reward, term, trunc, info = env.step_chunk(to_env_actions(sampled[i], args.num_bins))
                 env_steps += info["env_steps"]
                 rewards[i, t], terminated[i, t], truncated[i, t], steps_run[i, t] = reward, term, trunc, info["env_steps"]
-                if term and not info["success"]:
-                    grasped[i, t] = info["grasped"]
+                if term:
+                    achieved[i, t] = info["achieved_task"]
                 if trunc:  # the time limit is not part of the task: bootstrap from the final state
                     with torch.no_grad():
                         trunc_values[i, t] = policy(torch.from_numpy(observe(env, args.obs))[None])[1][0]
@@ -369,9 +365,9 @@ def main() -> None:
         advantages, returns = compute_gae(rewards, values, bootstrap, terminated, truncated, trunc_values, 0.99, 0.95)
         ran = (torch.arange(K)[None, None] < steps_run[..., None]).float()[..., None].expand(-1, -1, K, D)
         columns = [obs, tokens, behaviour_logp, advantages, returns, ran, torch.ones(N, T), behaviour_all]
-        if args.relabel and (grasped >= 0).any():
-            columns = [torch.cat(pair) for pair in zip(columns, relabelled(policy, columns, rewards, terminated,
-                                                                            truncated, grasped))]
+        copies = relabelled(policy, columns, rewards, terminated, truncated, achieved) if args.relabel else None
+        if copies is not None:
+            columns = [torch.cat(pair) for pair in zip(columns, copies)]
         rows = columns[0].shape[0] * T
         flat = [z.reshape(rows, *z.shape[2:]) for z in columns]
         keep = flat[5].flatten(1).any(1)  # relabelled copies keep only their episodes' rows
