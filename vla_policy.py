@@ -143,6 +143,12 @@ class PolicyConfig:
     skipped. Tells whether RL or the VLA trunk limits learning (docs/RESULTS.md). With keypoints or proprio, the
     slot state is the state MLP of [keypoints, proprio, instruction code] instead (the pixel probe's layout on this
     tower: with the critic's gradient in the trunk it learned where the decoder path did not, session 14)."""
+    decoder_residual: bool = False
+    """With keypoints or proprio: the action slots' inputs (slot embedding + state MLP) also skip the decoder and
+    are added to its output, whose final RMSNorm gain starts at zero (ReZero-style). At init the policy is then
+    the state-based policy of --policy.bypass-decoder, and the decoder's contribution (vision tokens, words)
+    grows from zero as RL finds it useful, instead of a normalised decoder output in which the observation is a
+    small part of every slot state (session 15, docs/RESULTS.md)."""
     instruction_film: bool = False
     """Condition the ResNet tower on the instruction (FiLM after every stage, as RT-1's FiLM-EfficientNet):
     the vision tokens then already mark what the instruction names, instead of the decoder having to
@@ -277,6 +283,11 @@ class PolicyConfig:
                              f"0-{len(self.resnet_widths) - 1}")
         if self.keypoints < 0 or self.proprio_dim < 0:
             raise ValueError(f"keypoints ({self.keypoints}) and proprio_dim ({self.proprio_dim}) must be >= 0")
+        if self.decoder_residual and not (self.keypoints or self.proprio_dim):
+            raise ValueError("decoder_residual adds the state MLP's slot inputs past the decoder: set keypoints > 0 "
+                             "or proprio_dim > 0")
+        if self.decoder_residual and self.bypass_decoder:
+            raise ValueError("decoder_residual and bypass_decoder exclude each other: pick one")
         if self.bypass_decoder and self.vision_tower != "resnet":
             raise ValueError("bypass_decoder reads the ResNet tower's feature map: set vision_tower='resnet'")
         if self.max_instruction_tokens < 2:
@@ -795,6 +806,8 @@ class VLAPolicy(nn.Module):
         # Learned inputs of the action slots; OFT feeds placeholder embeddings there, their outputs are read.
         self.action_slots = nn.Parameter(torch.randn(cfg.num_action_slots, cfg.hidden) * cfg.embedding_init_std)
         nn.init.normal_(self.decoder.embed_tokens.weight, std=cfg.embedding_init_std)
+        if cfg.decoder_residual:  # the decoder's output starts at zero: slot states = their inputs
+            nn.init.zeros_(self.decoder.norm.weight)
         # per_step: a factorised head, one slot -> action_dim x num_bins logits. per_dim: the LM head restricted
         # to the action tokens' rows (row k = vocabulary id first_action_id + k = bin k).
         per_dim_out = cfg.num_bins if cfg.action_head == "linear" else cfg.smooth_basis
@@ -964,7 +977,10 @@ class VLAPolicy(nn.Module):
         mask = self._attention_mask(key_valid, prefix_len)
         hidden = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
                               use_cache=False).last_hidden_state
-        return hidden[:, prefix_len:], hidden[:, :prefix_len], key_valid[:, :prefix_len]
+        action_states = hidden[:, prefix_len:]
+        if cfg.decoder_residual:
+            action_states = action_states + slots
+        return action_states, hidden[:, :prefix_len], key_valid[:, :prefix_len]
 
     def _sentence_tokens(self, instruction_tokens: torch.Tensor) -> torch.Tensor:
         """(B, L) byte ids -> (B, language_tokens, D) float32: each distinct instruction's MiniLM sentence

@@ -373,6 +373,41 @@ def test_init_scales_and_decoder_bypass():
     assert state.decoder.layers[0].self_attn.q_proj.weight.grad is None and not hasattr(state, "bypass_mlp")
 
 
+def test_decoder_residual_starts_as_the_state_policy_and_then_trains_the_decoder():
+    """decoder_residual: at init the logits and value are exactly those of the decoder-bypass state policy with the
+    same weights (the decoder's output gain is zero); after one optimiser step the decoder's output counts and its
+    layers get gradient. Needs keypoints or proprio, and excludes bypass_decoder."""
+    sizes = dict(vision_tower="resnet", keypoints=4, instructed_keypoints=True, proprio_dim=3, image_size=64,
+                 value_detach=False)
+    policy = make_policy(decoder_residual=True, **sizes)
+    randomise_action_head(policy)
+    bypass = make_policy(bypass_decoder=True, **sizes)
+    bypass.load_state_dict(policy.state_dict())
+    images, tokens = make_inputs(policy, batch=2)
+    proprio = torch.randn(2, 3)
+    with torch.no_grad():
+        logits, value = policy(images, tokens, proprio)
+        bypass_logits, bypass_value = bypass(images, tokens, proprio)
+    assert torch.allclose(logits, bypass_logits, atol=1e-6) and torch.allclose(value, bypass_value, atol=1e-6)
+    assert torch.count_nonzero(policy.decoder.norm.weight) == 0
+    optimiser = torch.optim.Adam(policy.parameters(), lr=1e-2)
+    q = policy.decoder.layers[0].self_attn.q_proj.weight
+    for step in range(2):
+        optimiser.zero_grad()
+        logits, value = policy(images, tokens, proprio)
+        (logits.log_softmax(-1)[..., 0].mean() + value.square().mean()).backward()
+        if step == 0:
+            assert q.grad.abs().sum() == 0 and policy.decoder.norm.weight.grad.abs().sum() > 0
+        optimiser.step()
+    assert q.grad.abs().sum() > 0
+    with torch.no_grad():
+        assert not torch.allclose(policy(images, tokens, proprio)[0], bypass(images, tokens, proprio)[0], atol=1e-4)
+    with pytest.raises(ValueError, match="keypoints > 0 or proprio_dim > 0"):
+        PolicyConfig(vision_tower="resnet", decoder_residual=True)
+    with pytest.raises(ValueError, match="exclude each other"):
+        PolicyConfig(decoder_residual=True, bypass_decoder=True, **sizes)
+
+
 # -- keypoints and proprio ---------------------------------------------------------------------------------
 
 
