@@ -22,7 +22,7 @@ res_nodetach_emb1_s0|--lr 1e-3 --seed 0|, "decoder_residual": true, "value_detac
 res_nodetach_stage0_s0|--lr 1e-3 --seed 0|, "decoder_residual": true, "value_detach": false, "keypoint_stage": 0
 res_nodetach_ent0.003_s0|--lr 1e-3 --ent-coef 0.003 --seed 0|, "decoder_residual": true, "value_detach": false
 res_nodetach_mb8_s0|--lr 1e-3 --num-minibatches 8 --seed 0|, "decoder_residual": true, "value_detach": false
-res_nodetach_3layer_s0|--lr 1e-3 --seed 0|, "decoder_residual": true, "value_detach": false, "decoder_layers": 3
+res_nodetach_mb4_s0|--lr 1e-3 --num-minibatches 4 --seed 0|, "decoder_residual": true, "value_detach": false
 LIST
 COMMON="--policy.image-size 64 --policy.vision-tower resnet --policy.instruction-film --policy.decoder-init-std 0.0625 \
  --policy.embedding-init-std 0.3 --policy.resnet-widths 16 32 64 96 --policy.hidden 128 --policy.decoder-layers 1 \
@@ -30,8 +30,8 @@ COMMON="--policy.image-size 64 --policy.vision-tower resnet --policy.instruction
  --policy.proprio-dim 3 --policy.no-value-detach --hindsight-relabel --policy-lr 1e-3 --ent-coef 0.01 \
  --num-minibatches 16 --eval-every-updates 25 --final-eval-episodes 40 --checkpoint-every-updates 100000"
 python benchmarks/parallel_cpu_runs.py --seconds 500 --first-core 12 --out-dir "$OUT/pipe" --common "$COMMON" \
-  --config res_kl0="--policy.decoder-residual --kl-coef 0" \
-  --config res_kl0.03="--policy.decoder-residual --kl-coef 0.03" > "$OUT/pipe.txt" 2>&1 &
+  --config res_kl0.03_mb4="--policy.decoder-residual --kl-coef 0.03 --num-minibatches 4" \
+  --config res_kl0.03_lr3e-4="--policy.decoder-residual --kl-coef 0.03 --policy-lr 3e-4" > "$OUT/pipe.txt" 2>&1 &
 wait
 lscpu | grep "Model name"
 for f in "$OUT"/*.log; do echo "== $(basename "$f")"; grep "^update" "$f" | awk '{print $2, $4, $8, $14, $16}' | tail -n 16 | tr '\n' ';'; echo; grep -m1 -A3 Traceback "$f"; done
