@@ -46,7 +46,8 @@ def placement(gpus: int, how: str, device: str) -> tuple[int, list[str], list[st
 
 def run_one(args, gpus: int, mode: str, run_dir: Path) -> dict:
     per_role, inference, learner = placement(gpus, args.placement, args.device)
-    cmd = [sys.executable, str(ROOT / "accerl.py"), "--mode", mode, "--task", "tabletop2d", "--run-dir", str(run_dir),
+    cmd = [sys.executable, str(ROOT / "accerl.py"), "--no-task-defaults", "--mode", mode, "--task", "tabletop2d",
+           "--run-dir", str(run_dir),
            "--num-env-workers", str(args.env_workers_per_gpu * gpus), "--envs-per-worker", str(args.envs_per_worker),
            "--num-inference-servers", str(per_role), "--inference-devices", *inference,
            "--num-learners", str(per_role), "--learner-devices", *learner, "--device", args.device,

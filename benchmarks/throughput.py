@@ -81,7 +81,9 @@ def env_ceiling(args) -> float:
 
 def pipeline_rate(args, mode: str, run_dir: Path) -> dict:
     seconds = args.sync_seconds if mode == "sync" else args.seconds
-    cmd = [sys.executable, str(ROOT / "accerl.py"), "--mode", mode, "--task", args.task, "--run-dir", str(run_dir),
+    # the plain defaults (the tiny SigLIP VLA at --image-size), as every recorded figure used
+    cmd = [sys.executable, str(ROOT / "accerl.py"), "--no-task-defaults", "--mode", mode, "--task", args.task,
+           "--run-dir", str(run_dir),
            "--num-env-workers", str(args.num_env_workers), "--envs-per-worker", str(args.envs_per_worker),
            "--total-env-steps", str(10**12), "--max-seconds", str(seconds), "--num-eval-workers", "0",
            "--final-eval-episodes", "0", "--eval-every-updates", "0", "--device", args.device,

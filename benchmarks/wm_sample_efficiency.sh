@@ -20,7 +20,7 @@ EPISODES=${EPISODES:-250}                 # weak-policy trajectories per task (4
 PNG=${PNG:-docs/wm_sample_efficiency.png}
 EXTRA=${EXTRA:-}                          # more accerl.py flags for both arms
 WM_EXTRA=${WM_EXTRA:-}                    # more accerl.py flags for the world-model arm
-COMMON="--task tabletop2d --policy.image-size $SIZE --device $DEVICE --total-env-steps $STEPS
+COMMON="--no-task-defaults --task tabletop2d --policy.image-size $SIZE --device $DEVICE --total-env-steps $STEPS
         --num-env-workers ${ENV_WORKERS:-8} --envs-per-worker ${ENVS_PER_WORKER:-4} --eval-every-updates 10
         --eval-episodes 40 --final-eval-episodes 200 --checkpoint-every-updates 200 $EXTRA"
 

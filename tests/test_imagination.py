@@ -317,7 +317,8 @@ def test_world_model_must_match_the_policy_and_the_tasks(tmp_path, wm_dir):
 def test_entry_script_runs_with_imagination_workers_and_a_world_model_process(tmp_path, wm_dir):
     run_dir = tmp_path / "run"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "accerl.py"), "--run-dir", str(run_dir), "--num-env-workers", "1",
+        [sys.executable, str(ROOT / "accerl.py"), "--no-task-defaults", "--run-dir", str(run_dir),
+         "--num-env-workers", "1",
          "--envs-per-worker", "2", "--num-eval-workers", "0", "--segment-len", "4", "--segments-per-update", "2",
          "--total-env-steps", "300", "--log-every-s", "2", *TINY, "--wm-checkpoint", str(wm_dir),
          "--num-imagination-workers", "1", "--imagined-envs-per-worker", "2", "--imagine-horizon", "2",
