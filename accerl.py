@@ -2130,11 +2130,12 @@ class Run:
             raise SystemExit(f"accerl: the policy reads {proprio_dim}-D proprio (--policy.proprio-dim, or the "
                              f"proprio projector of --policy.checkpoint), the {spec.name} env gives "
                              f"{spec.proprio_dim}-D: {fix}")
-        if proprio_dim and wm.num_imagination_workers:
-            raise SystemExit("accerl: the policy reads proprio, but the world model does not predict it (an imagined "
-                             "episode keeps its start's proprio): drop --num-imagination-workers or use a policy "
-                             "without proprio (--policy.proprio-dim 0; tabletop2d's defaults read it: "
-                             "--no-task-defaults gives the plain ones)")
+        if proprio_dim and wm.num_imagination_workers and load_config(wm.wm_checkpoint).proprio_dim != proprio_dim:
+            raise SystemExit(f"accerl: the policy reads {proprio_dim}-D proprio, but the world model in --wm-checkpoint "
+                             f"does not predict it (saved before world models predicted proprio, or trained with "
+                             f"--model.proprio-dim 0; an imagined episode would keep its start's proprio): train one "
+                             f"with `python world_model.py train` (it predicts the env's proprio), or use a policy "
+                             f"without proprio (--policy.proprio-dim 0)")
         shape = StorageShape(num_segments=num_segments, segment_len=args.workers.segment_len,
                              num_cameras=len(spec.cameras), image_size=args.policy.image_size,
                              proprio_dim=spec.proprio_dim, instruction_len=args.policy.max_instruction_tokens,
@@ -2203,7 +2204,7 @@ class Run:
         if wm.num_imagination_workers and not serial:
             slots = ImaginationSlots(SlotShape(wm.num_imagination_workers * wm.imagined_envs_per_worker,
                                                cfg.context_frames, args.policy.image_size, args.policy.action_dim,
-                                               args.policy.chunk_len), share=share)
+                                               args.policy.chunk_len, self.spec.proprio_dim), share=share)
         if wm.wm_train_every_updates:
             with torch.device("meta"):
                 skeleton = WorldModel(cfg)

@@ -41,11 +41,13 @@ Who sends what to whom when the world model is served (queues carry slot indices
     trainer --weights + version (WeightBroadcast seqlock)--> world_model
 
 Metric tags (all written by the one process that owns the writer): `wm/denoiser_loss`, `wm/reward_loss`,
-`wm/loss`, `wm/grad_norm`, `wm/lr`, `wm/reward_train_accuracy`, `wm/end_loss`, `perf/wm_samples_per_s` while training;
+`wm/loss`, `wm/grad_norm`, `wm/lr`, `wm/reward_train_accuracy`, `wm/end_loss`, `wm/proprio_loss`,
+`perf/wm_samples_per_s` while training;
 `wm/next_frame_psnr`, `wm/next_frame_ssim`, `wm/open_loop_psnr_h<h>`, `wm/copy_last_psnr_h<h>` (the
 baseline that repeats the last real frame), `wm/reward_accuracy`, `wm/reward_balanced_accuracy`,
 `wm/reward_ece`, `wm/reward_auroc`, `wm/reward_brier`, `wm/reward_auroc_imagined`, `wm/end_accuracy`,
-`wm/end_auroc` (the end output on real contexts) and the image
+`wm/end_auroc` (the end output on real contexts), `wm/proprio_rmse` and `wm/proprio_rmse_copy` (one step; the
+baseline predicts no change) and the image
 `wm/open_loop_strip` (rows = steps: real | imagined | difference) at evaluation.
 """
 
@@ -137,6 +139,13 @@ class WorldModelConfig:
     instructions: tuple[str, ...] = ()
     """Derived: the task instructions in task-id order (rows of the reward model's task embedding),
     from the env family the model is trained for."""
+    proprio_dim: int = -1
+    """Length of the robot state (proprio) the model also predicts after each action (`ProprioModel`), so a
+    policy that reads proprio sees it change in imagination. -1: the env's (set from the env spec where the
+    model is built for an env: `world_model.py train`); 0: none, an imagined episode keeps its start's proprio
+    (world models saved before this option load that way)."""
+    proprio_hidden: int = 256
+    """Width of the proprio model's MLP."""
 
     def __post_init__(self):
         # JSON gives lists back; tyro may too
@@ -152,6 +161,8 @@ class WorldModelConfig:
                 raise ValueError(f"image_size {self.image_size} must be divisible by 2^(len({name}) - 1) = {stride}")
         if not self.instructions:
             raise ValueError("WorldModelConfig.instructions is empty: set it from the env spec")
+        if self.proprio_dim < 0:
+            raise ValueError("WorldModelConfig.proprio_dim is -1: set it from the env spec (0: predict none)")
 
     @property
     def cond_dim(self) -> int:
@@ -411,8 +422,36 @@ class RewardModel(nn.Module):
         return loss, metrics
 
 
+class ProprioModel(nn.Module):
+    """The robot state after an action: proprio_{t+1} = proprio_t + MLP([proprio_t, a_t]). The last layer
+    starts at zero, so an untrained model keeps the state where it is (what the imagined env did before it
+    predicted proprio). Trained on the change, MSE, on the transitions that have a successor."""
+
+    def __init__(self, cfg: WorldModelConfig):
+        super().__init__()
+        width = cfg.proprio_hidden
+        self.net = nn.Sequential(nn.Linear(cfg.proprio_dim + cfg.action_dim, width), nn.SiLU(),
+                                 nn.Linear(width, width), nn.SiLU(), nn.Linear(width, cfg.proprio_dim))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def next(self, proprio: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """proprio (B, P), action (B, A) -> proprio after the action (B, P), float32."""
+        proprio = proprio.float()
+        return proprio + self.net(torch.cat([proprio, action.float()], dim=1)).float()
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        device = self.net[0].weight.device
+        proprio, target = batch["proprio"].to(device), batch["next_proprio"].to(device)
+        error = (self.next(proprio, batch["actions"][:, -1].to(device)) - target.float()).pow(2).mean(1)
+        mask = batch["has_next"].to(device).float()
+        loss = (error * mask).sum() / mask.sum().clamp(min=1)
+        return loss, {"wm/proprio_loss": loss.item()}
+
+
 class WorldModel(nn.Module):
-    """The denoiser and the reward model, trained together (the sum of their losses)."""
+    """The denoiser, the reward model and (`proprio_dim` > 0) the proprio model, trained together (the sum of
+    their losses)."""
 
     def __init__(self, cfg: WorldModelConfig):
         super().__init__()
@@ -420,6 +459,7 @@ class WorldModel(nn.Module):
         self.cfg = cfg
         self.denoiser = Denoiser(cfg)
         self.reward = RewardModel(cfg)
+        self.proprio = ProprioModel(cfg) if cfg.proprio_dim else None
 
     @property
     def device(self) -> torch.device:
@@ -430,20 +470,27 @@ class WorldModel(nn.Module):
         denoiser_loss, metrics = self.denoiser(batch, generator)
         reward_loss, reward_metrics = self.reward(batch)
         loss = denoiser_loss + reward_loss
+        if self.proprio is not None:
+            proprio_loss, proprio_metrics = self.proprio(batch)
+            loss = loss + proprio_loss
+            reward_metrics.update(proprio_metrics)
         return loss, {**metrics, **reward_metrics, "wm/loss": loss.item()}
 
     @torch.no_grad()
     def imagine(self, frames: torch.Tensor, past_actions: torch.Tensor, actions: torch.Tensor,
-                task_id: torch.Tensor, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                task_id: torch.Tensor, seeds: list[int], proprio: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Roll the model forward through a chunk of actions, batched.
 
         frames uint8 (B, K, H, W, 3): the last K frames, oldest first; past_actions (B, K-1, A): the actions
         taken at frames 0..K-2; actions (B, n, A): the new actions, the first taken at frames[:, -1];
         task_id (B,) in `cfg.instructions` order; seeds: one per row (the initial noise of row b comes from
-        its own generator, so a row's result does not depend on what else is in the batch).
+        its own generator, so a row's result does not depend on what else is in the batch); proprio (B, P):
+        the robot state at frames[:, -1] (None: (B, 0)).
         Returns the imagined frames uint8 (B, n, H, W, 3), the success probabilities (B, n) of the state
-        after each action and the probabilities (B, n) that the episode ends after it (success's without the
-        end head). Everything is computed for all n actions; the caller stops at an end.
+        after each action, the probabilities (B, n) that the episode ends after it (success's without the
+        end head) and the robot state after each action (B, n, P): predicted by the proprio model, the given
+        one repeated by a model without. Everything is computed for all n actions; the caller stops at an end.
         """
         K, device = self.cfg.context_frames, self.device
         B, n = actions.shape[:2]
@@ -456,14 +503,21 @@ class WorldModel(nn.Module):
         out_frames = torch.empty((B, n, H, H, 3), dtype=torch.uint8, device=device)
         out_success = torch.empty((B, n), dtype=torch.float32, device=device)
         out_end = torch.empty((B, n), dtype=torch.float32, device=device)
+        state = torch.zeros((B, 0), device=device) if proprio is None else proprio.to(device).float()
+        if self.proprio is not None and proprio is not None and state.shape[1] != self.cfg.proprio_dim:
+            raise ValueError(f"imagine: proprio of width {state.shape[1]}, the model predicts {self.cfg.proprio_dim}")
+        out_proprio = torch.empty((B, n, state.shape[1]), dtype=torch.float32, device=device)
         for j in range(n):
             window = all_actions[:, j:j + K]
             out_success[:, j], out_end[:, j] = self.reward.probabilities(context, window, task_id)
+            if self.proprio is not None and proprio is not None:
+                state = self.proprio.next(state, window[:, -1])
+            out_proprio[:, j] = state
             frame = model_to_frames(self.denoiser.sample(context, window, noise[:, j]))
             out_frames[:, j] = frame
             # the next context holds the quantised frame, exactly what a camera would have given
             context = torch.cat([context[:, 1:], frames_to_model(frame)[:, None]], dim=1)
-        return out_frames, out_success, out_end
+        return out_frames, out_success, out_end, out_proprio
 
     # -- persistence ---------------------------------------------------------------------------------
     def save(self, directory: str | Path, extra: dict | None = None,
@@ -498,6 +552,7 @@ def load_config(directory: str | Path) -> WorldModelConfig:
         raise FileNotFoundError(f"{directory} holds no {CONFIG_FILE} (a directory written by WorldModel.save)")
     saved = json.loads(path.read_text())
     saved.setdefault("end_head", False)  # saved before the end output existed: the weights have none
+    saved.setdefault("proprio_dim", 0)  # saved before the proprio model existed
     return WorldModelConfig(**saved)
 
 
@@ -585,7 +640,8 @@ class TransitionData:
         return {"frames": self.images[idx], "actions": self.action_window(index, -self.K + 1, self.K),
                 "next_frame": self.images[next_idx], "has_next": self.has_next[index],
                 "task_id": self.task[index], "success": self.success[index].float(),
-                "terminated": self.terminated[index].float()}
+                "terminated": self.terminated[index].float(),
+                "proprio": self.proprio[index], "next_proprio": self.proprio[next_idx]}
 
 
 class SuccessSampler:
@@ -679,7 +735,9 @@ class StepReplay(SharedTensors):
                 "next_frame": self.frames[env, torch.where(has_next, following, position % C)],
                 "has_next": has_next, "task_id": self.task_id[env, position % C],
                 "success": self.success[env, position % C].float(),
-                "terminated": self.terminated[env, position % C].float()}
+                "terminated": self.terminated[env, position % C].float(),
+                "proprio": self.proprio[env, position % C],
+                "next_proprio": self.proprio[env, torch.where(has_next, following, position % C)]}
 
     def sample(self, batch_size: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Uniform over the stored steps whose context is still in the ring (the oldest K + 2 slots of a full
@@ -733,18 +791,19 @@ class WorldModelClient(Protocol):
     config: WorldModelConfig
 
     def imagine(self, frames: np.ndarray, past_actions: np.ndarray, actions: np.ndarray, task_id: int,
-                seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                seed: int, proprio: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """frames uint8 (K, H, W, 3), past_actions (K-1, A), actions (n, A), task_id in config.instructions
-        order -> imagined frames uint8 (n, H, W, 3), success and end probabilities float32 (n,) each."""
+        order, proprio (P,) at frames[-1] -> imagined frames uint8 (n, H, W, 3), success and end probabilities
+        float32 (n,) each, the proprio after each action float32 (n, P) (`WorldModel.imagine`)."""
         ...
 
     def submit(self, frames: np.ndarray, past_actions: np.ndarray, actions: np.ndarray, task_id: int,
-               seed: int) -> object:
+               seed: int, proprio: np.ndarray) -> object:
         """`imagine` in two halves: send the request and return a ticket, so that several envs' requests can
         be in flight together (one batch at the server); `collect(ticket)` waits for the result."""
         ...
 
-    def collect(self, ticket: object) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def collect(self, ticket: object) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         ...
 
 
@@ -757,19 +816,20 @@ class LocalWorldModel:
         self.params = dict(model.state_dict(keep_vars=True))
         self.version = 0
 
-    def submit(self, frames, past_actions, actions, task_id, seed):
-        return frames, past_actions, actions, task_id, seed  # computed when collected: one at a time here
+    def submit(self, frames, past_actions, actions, task_id, seed, proprio):
+        return frames, past_actions, actions, task_id, seed, proprio  # computed when collected: one at a time
 
     def collect(self, ticket):
         return self.imagine(*ticket)
 
-    def imagine(self, frames, past_actions, actions, task_id, seed):
+    def imagine(self, frames, past_actions, actions, task_id, seed, proprio):
         if self.weights is not None and self.weights.published_version() > self.version:
             version = self.weights.read_into(self.params)
             self.version = self.version if version is None else version
         out = self.model.imagine(
             torch.from_numpy(np.asarray(frames))[None], torch.as_tensor(np.asarray(past_actions), dtype=torch.float32)[None],
-            torch.as_tensor(np.asarray(actions), dtype=torch.float32)[None], torch.tensor([task_id]), [seed])
+            torch.as_tensor(np.asarray(actions), dtype=torch.float32)[None], torch.tensor([task_id]), [seed],
+            torch.as_tensor(np.asarray(proprio), dtype=torch.float32)[None])
         return tuple(x[0].cpu().numpy() for x in out)
 
 
@@ -782,7 +842,7 @@ class StartContext:
     past_actions: np.ndarray
     """float32 (K-1, A): action j was taken at frames[j]; zeros (and repeated frames) before a real start."""
     proprio: np.ndarray
-    """float32 (P,): the real proprio at frames[-1] (the world model does not predict proprio)."""
+    """float32 (P,): the real proprio at frames[-1] (from there a world model with a proprio model predicts it)."""
     task_id: int
     """Task id in the env spec's order."""
     env_step: int = 0
@@ -869,9 +929,9 @@ class ImaginedEnv(TaskEnv):
     `terminated` when it or the end probability reaches `end_threshold` (info["success"] True when the
     success probability did), `truncated` after
     `horizon_env_steps` imagined steps or when the real episode's own time limit would be hit.
-    obs["proprio"] holds the start context's real proprio (the world model does not predict proprio; no
-    policy of this project reads it, reference.md section 3). Seeded: the same seed, context and actions
-    give the same episode, in-process or served.
+    obs["proprio"] starts as the start context's real proprio and follows the world model's proprio model
+    (`proprio_dim` > 0); a world model without one keeps the start's. Seeded: the same seed, context and
+    actions give the same episode, in-process or served.
     """
 
     def __init__(self, spec: EnvSpec, world_model: WorldModelClient,
@@ -889,6 +949,9 @@ class ImaginedEnv(TaskEnv):
         missing = [text for text in spec.instructions if text not in cfg.instructions]
         if missing:
             raise ValueError(f"ImaginedEnv: the world model was not trained on the tasks {missing[:3]}")
+        if cfg.proprio_dim not in (0, spec.proprio_dim):
+            raise ValueError(f"ImaginedEnv: the world model predicts {cfg.proprio_dim}-D proprio, the env has "
+                             f"{spec.proprio_dim}-D")
         self.real_spec = spec
         # the imagined time limit is the horizon: that is what `truncated` means here
         self.spec = dataclasses.replace(spec, max_episode_steps=min(horizon_env_steps, spec.max_episode_steps))
@@ -943,7 +1006,7 @@ class ImaginedEnv(TaskEnv):
             raise ValueError(f"ImaginedEnv step_chunk expects (chunk_len >= 1, {self.spec.action_dim}) actions, "
                              f"got {actions.shape}")
         ticket = self.world_model.submit(self.frames, self.past_actions, actions, self.model_task[self.task_id],
-                                         int(self.rng.integers(2**63)))
+                                         int(self.rng.integers(2**63)), self.proprio)
         self._ticket = (actions, ticket)
 
     def finish_chunk(self, record: bool = False) -> tuple[dict[str, np.ndarray], float, bool, bool, dict]:
@@ -951,7 +1014,7 @@ class ImaginedEnv(TaskEnv):
         if self._ticket is None:
             raise RuntimeError("ImaginedEnv: no chunk in flight; call submit_chunk() first")
         (actions, ticket), self._ticket = self._ticket, None
-        frames, success, end = self.world_model.collect(ticket)
+        frames, success, end, proprio = self.world_model.collect(ticket)
         reward, succeeded, terminated, truncated = 0.0, False, False, False
         for j in range(len(actions)):
             p = float(success[j])
@@ -971,7 +1034,8 @@ class ImaginedEnv(TaskEnv):
         info = {"success": succeeded, "task_id": self.task_id, "env_steps": executed}
         if record:
             info["frames"] = frames[:executed].copy()
-            info["proprio"] = np.repeat(self.proprio[None], executed, axis=0)
+            info["proprio"] = np.asarray(proprio[:executed], np.float32).copy()
+        self.proprio = np.asarray(proprio[j], np.float32).copy()
         return self._observe(frames[j]), reward, bool(terminated), bool(truncated), info
 
 
@@ -987,6 +1051,8 @@ class SlotShape:
     action_dim: int
     max_actions: int
     """Longest action chunk one request may carry (the policy's chunk length)."""
+    proprio_dim: int = 0
+    """The env's proprio length (the robot state at the request's last frame, and after each action)."""
 
 
 class ImaginationSlots(SharedTensors):
@@ -1003,10 +1069,12 @@ class ImaginationSlots(SharedTensors):
             "num_actions": torch.zeros(s.num_slots, dtype=torch.int64),
             "task_id": torch.zeros(s.num_slots, dtype=torch.int64),
             "seed": torch.zeros(s.num_slots, dtype=torch.int64),
+            "proprio": torch.zeros(s.num_slots, s.proprio_dim),
             # written by the server
             "out_frames": torch.zeros(s.num_slots, s.max_actions, H, H, 3, dtype=torch.uint8),
             "out_success": torch.zeros(s.num_slots, s.max_actions),
             "out_end": torch.zeros(s.num_slots, s.max_actions),
+            "out_proprio": torch.zeros(s.num_slots, s.max_actions, s.proprio_dim),
             "version": torch.zeros(s.num_slots, dtype=torch.int64),
         }, share)
 
@@ -1026,13 +1094,18 @@ class ServedWorldModel:
         self.wait_timeout_s = wait_timeout_s
         self.getter = TimedGet(f"imagined env (client {client}, slot {slot})", wait_timeout_s)
 
-    def imagine(self, frames, past_actions, actions, task_id, seed):
-        return self.collect(self.submit(frames, past_actions, actions, task_id, seed))
+    def imagine(self, frames, past_actions, actions, task_id, seed, proprio):
+        return self.collect(self.submit(frames, past_actions, actions, task_id, seed, proprio))
 
-    def submit(self, frames, past_actions, actions, task_id, seed):
+    def submit(self, frames, past_actions, actions, task_id, seed, proprio):
         s, slot, n = self.slots, self.slot, len(actions)
         if n > s.shape.max_actions:
             raise ValueError(f"ServedWorldModel: {n} actions, the slots hold {s.shape.max_actions}")
+        proprio = np.asarray(proprio, np.float32)
+        if proprio.shape != (s.shape.proprio_dim,):
+            raise ValueError(f"ServedWorldModel: proprio of shape {proprio.shape}, the slots hold "
+                             f"({s.shape.proprio_dim},): build SlotShape with the env's proprio_dim")
+        s.proprio[slot] = torch.from_numpy(proprio)
         s.frames[slot] = torch.from_numpy(np.asarray(frames))
         s.past_actions[slot] = torch.as_tensor(np.asarray(past_actions), dtype=torch.float32)
         s.actions[slot, :n] = torch.as_tensor(np.asarray(actions), dtype=torch.float32)
@@ -1050,7 +1123,7 @@ class ServedWorldModel:
                 raise InterruptedError("ServedWorldModel: stopping while waiting for world_model")
         self.arrived.discard(slot)
         return (s.out_frames[slot, :n].numpy().copy(), s.out_success[slot, :n].numpy().copy(),
-                s.out_end[slot, :n].numpy().copy())
+                s.out_end[slot, :n].numpy().copy(), s.out_proprio[slot, :n].numpy().copy())
 
 
 class WorldModelServer:
@@ -1109,11 +1182,12 @@ class WorldModelServer:
         idx = torch.tensor([slot for (_, slot), _ in batch])
         n = int(s.num_actions[idx].max())  # shorter requests are padded with zero actions, their tail unused
         start = time.perf_counter()
-        frames, success, end = self.model.imagine(s.frames[idx], s.past_actions[idx], s.actions[idx, :n],
-                                                  s.task_id[idx], s.seed[idx].tolist())
+        frames, success, end, proprio = self.model.imagine(s.frames[idx], s.past_actions[idx], s.actions[idx, :n],
+                                                           s.task_id[idx], s.seed[idx].tolist(), s.proprio[idx])
         s.out_frames[idx, :n] = frames.cpu()
         s.out_success[idx, :n] = success.cpu()
         s.out_end[idx, :n] = end.cpu()
+        s.out_proprio[idx, :n] = proprio.cpu()
         s.version[idx] = self.version
         done = time.perf_counter()
         for (client, slot), _ in batch:
@@ -1241,7 +1315,7 @@ def open_loop(model: WorldModel, data: TransitionData, index: torch.Tensor, hori
     past = data.action_window(index, -K + 1, K - 1)
     future = data.action_window(index, 0, horizon)
     seeds = [int(x) for x in np.random.SeedSequence([seed, int(index[0])]).generate_state(len(index), np.uint64)]
-    frames, _, _ = model.imagine(batch["frames"], past, future, data.task[index], seeds)
+    frames = model.imagine(batch["frames"], past, future, data.task[index], seeds)[0]
     real_idx, inside = data.context_index(index, torch.arange(1, horizon + 1))
     return frames.cpu(), data.images[real_idx], inside
 
@@ -1269,6 +1343,11 @@ def evaluate(model: WorldModel, data: TransitionData, horizons: tuple[int, ...] 
     metrics = {key: float(torch.cat(values).mean()) for key, values in scores.items() if torch.cat(values).numel()}
     metrics["next_frame_psnr"] = metrics.get("open_loop_psnr_h1", float("nan"))
     metrics["windows"] = len(starts)
+    if model.proprio is not None:  # one step, every held-out transition with a successor; baseline: no change
+        b = data.batch(torch.nonzero(data.has_next).squeeze(1))
+        predicted = model.proprio.next(b["proprio"].to(model.device), b["actions"][:, -1].to(model.device)).cpu()
+        metrics["proprio_rmse"] = float((predicted - b["next_proprio"]).pow(2).mean().sqrt())
+        metrics["proprio_rmse_copy"] = float((b["proprio"] - b["next_proprio"]).pow(2).mean().sqrt())
 
     # reward model: every held-out transition on its real context, and on imagined contexts (the frames the
     # imagined env really scores), the labels of the same real transitions
@@ -1309,8 +1388,8 @@ def imagined_reward_metrics(model: WorldModel, data: TransitionData, seed: int, 
             K = data.K
             b = data.batch(chunk)
             seeds = [int(s) for s in np.random.SeedSequence([seed, 7, int(chunk[0])]).generate_state(len(chunk), np.uint64)]
-            _, success, _ = model.imagine(b["frames"], data.action_window(chunk, -K + 1, K - 1),
-                                       data.action_window(chunk, 0, horizon), data.task[chunk], seeds)
+            success = model.imagine(b["frames"], data.action_window(chunk, -K + 1, K - 1),
+                                    data.action_window(chunk, 0, horizon), data.task[chunk], seeds)[1]
             idx, inside = data.context_index(chunk, torch.arange(0, horizon))
             label = data.success[idx] & inside
             seen = inside & (torch.cumsum(label.int(), 1) - label.int() == 0)  # up to the real ending
@@ -1361,6 +1440,9 @@ def format_table(metrics: dict[str, float], horizons: tuple[int, ...]) -> str:
         lines.append(f"end of episode (successes and {metrics['end_failures']} failure terminations) on real contexts: "
                      f"accuracy {metrics['end_accuracy']:.4f}, balanced {metrics['end_balanced_accuracy']:.3f}, "
                      f"recall {metrics['end_recall']:.3f}, AUROC {metrics['end_auroc']:.4f}")
+    if "proprio_rmse" in metrics:
+        lines.append(f"proprio one step ahead: RMSE {metrics['proprio_rmse']:.5f} (no-change baseline "
+                     f"{metrics['proprio_rmse_copy']:.5f})")
     return "\n".join(lines)
 
 
@@ -1579,6 +1661,8 @@ def train(args: Train) -> dict:
     spec = env_spec(args.task, image_size=cfg.image_size)
     if not cfg.instructions:
         cfg.instructions = spec.instructions
+    if cfg.proprio_dim < 0:
+        cfg.proprio_dim = spec.proprio_dim
     run_dir = Path(args.run_dir or f"runs/{args.task.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(start_time)}")
     out = Path(args.out) if args.out else run_dir / "world_model"
     train_eps, heldout_eps = split_episodes(read_episodes(args.data, cfg.image_size), args.holdout_fraction)
@@ -1592,6 +1676,9 @@ def train(args: Train) -> dict:
         raise SystemExit(f"world_model train: {error}") from None
     data = TransitionData(train_eps, cfg.instructions, cfg.context_frames)
     heldout = TransitionData(heldout_eps, cfg.instructions, cfg.context_frames)
+    if cfg.proprio_dim and data.proprio.shape[1] != cfg.proprio_dim:
+        raise SystemExit(f"world_model train: the data hold {data.proprio.shape[1]}-D proprio, the model predicts "
+                         f"{cfg.proprio_dim}-D (--model.proprio-dim; 0: none)")
     model = WorldModel.load(args.init, device) if args.init else WorldModel(cfg).to(device)
     previous = Path(args.init or "") / "train.json"
     updates_before = json.loads(previous.read_text()).get("updates_total", 0) if args.init and previous.is_file() else 0

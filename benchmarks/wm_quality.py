@@ -57,10 +57,11 @@ def throughput(model: WorldModel, seconds: float, chunk_len: int = 8, task: str 
         frames = torch.zeros(batch, K, H, H, 3, dtype=torch.uint8)
         past, actions = torch.zeros(batch, K - 1, 7), torch.rand(batch, chunk_len, 7) * 2 - 1
         tasks, seeds = torch.zeros(batch, dtype=torch.long), list(range(batch))
-        model.imagine(frames, past, actions, tasks, seeds)  # warm-up
+        proprio = torch.zeros(batch, cfg.proprio_dim)  # the proprio model runs too, as in the pipeline
+        model.imagine(frames, past, actions, tasks, seeds, proprio)  # warm-up
         done, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:
-            model.imagine(frames, past, actions, tasks, seeds)
+            model.imagine(frames, past, actions, tasks, seeds, proprio)
             if model.device.type == "cuda":
                 torch.cuda.synchronize()
             done += batch * chunk_len

@@ -333,12 +333,26 @@ def test_entry_script_runs_with_imagination_workers_and_a_world_model_process(tm
     assert (run_dir / "checkpoints").is_dir()
 
 
-def test_imagination_refuses_a_policy_that_reads_proprio(tmp_path, wm_dir):
-    """The world model predicts frames, not the robot state: a proprio-reading policy would act on a stale one."""
+def test_imagination_feeds_a_proprio_policy_only_from_a_world_model_that_predicts_proprio(tmp_path, wm_dir):
+    """A policy that reads proprio (tabletop2d's defaults do) needs a world model that predicts it: one without is
+    refused before spawning; with one, the imagined env's proprio moves as the model says."""
     from test_pipeline import TINY_POLICY
-    from accerl import derive_and_check
+    from accerl import ImaginedEnvs, derive_and_check
     from vla_policy import PolicyConfig
-    args = wm_args(tmp_path, wm_dir)
-    args.policy = PolicyConfig(**TINY_POLICY, vision_tower="resnet", resnet_widths=(8, 16, 16, 16), proprio_dim=3)
+
+    policy = PolicyConfig(**TINY_POLICY, vision_tower="resnet", resnet_widths=(8, 16, 16, 16), proprio_dim=3)
+    frames_only = tmp_path / "frames_only"
+    tiny_model(seed=0, proprio_dim=0).save(frames_only)
+    args = wm_args(tmp_path, frames_only)
+    args.policy = policy
     with pytest.raises(SystemExit, match="does not predict it"):
         Run(derive_and_check(args)).build(serial=True)
+    args = wm_args(tmp_path, wm_dir)
+    args.policy = policy
+    run = Run(derive_and_check(args))
+    run.build(serial=True)
+    env = ImaginedEnvs(0, args, run.spec, run.shared, run.chan, serial=True, poll_s=0.0)(0, 123)
+    start = env.reset(task_id=1)["proprio"]
+    obs, _, _, _, info = env.step_chunk(np.full((args.policy.chunk_len, 7), 0.5), record=True)
+    assert obs["proprio"].shape == (3,) and not np.allclose(obs["proprio"], start)
+    assert np.array_equal(info["proprio"][info["env_steps"] - 1], obs["proprio"])

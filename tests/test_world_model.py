@@ -30,15 +30,18 @@ SIZE = 32
 CHUNK = 8
 HORIZON = 12  # imagined env steps: one full chunk, then a chunk cut short by the time limit
 TINY = dict(image_size=SIZE, channels=(8, 16), blocks_per_level=1, reward_channels=(8, 16), reward_hidden=32,
-            action_embed_dim=8, instructions=INSTRUCTIONS)
+            action_embed_dim=8, instructions=INSTRUCTIONS, proprio_dim=3, proprio_hidden=16)
 
 
 def tiny_model(seed: int = 0, success_bias: float | None = None, end_bias: float | None = None,
                **config) -> WorldModel:
     """A tiny world model; `success_bias` pins both outputs (always success and end, or never), `end_bias`
-    then the end output alone (a failure that ends the episode: success -20, end +20)."""
+    then the end output alone (a failure that ends the episode: success -20, end +20). Its proprio model's last
+    layer is random (an untrained one starts at zero, keeping the state put), so imagined proprio moves."""
     torch.manual_seed(seed)
     model = WorldModel(WorldModelConfig(**{**TINY, **config})).eval()
+    if model.proprio is not None:
+        torch.nn.init.normal_(model.proprio.net[-1].weight, std=0.3)
     if success_bias is not None:
         with torch.no_grad():
             model.reward.head[-1].weight.zero_()
@@ -115,7 +118,7 @@ def test_step_replay_gives_the_transitions_of_the_files(episodes):
         for t in range(len(e["actions"])):
             last = t == len(e["actions"]) - 1
             replay.add(1, e["images"][t], e["actions"][t], INSTRUCTIONS.index(e["instruction"]), t,
-                       bool(e["success"]) and last, terminated=bool(e["terminated"]) and last)
+                       bool(e["success"]) and last, proprio=e["proprio"][t], terminated=bool(e["terminated"]) and last)
     written = int(replay.written[1])
     assert written == len(data) and len(replay) == 40 - 4 - 2
     positions = torch.arange(written - len(replay), written)
@@ -134,7 +137,7 @@ def test_step_replay_gives_the_transitions_of_the_files(episodes):
 # ---------------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------------
-def test_denoiser_and_reward_losses_fall_on_a_tiny_dataset(episodes):
+def test_denoiser_reward_and_proprio_losses_fall_on_a_tiny_dataset(episodes):
     model = tiny_model().train()
     data = TransitionData(episodes, INSTRUCTIONS, 4)
     fixed = data.batch(torch.nonzero(data.has_next).squeeze(1)[:32])
@@ -147,15 +150,19 @@ def test_denoiser_and_reward_losses_fall_on_a_tiny_dataset(episodes):
     trainer = WorldModelTrainer(model, lr=3e-3, warmup_updates=1)
     sampler = SuccessSampler(data, 16, 0.25, torch.Generator().manual_seed(1))
     reward_losses, end_losses = [], []
+    proprio_before = model.proprio(fixed)[0].item()
     for _ in range(40):
         metrics = trainer.train_step(sampler.sample())
         reward_losses.append(metrics["wm/reward_loss"])
         end_losses.append(metrics["wm/end_loss"])
-        assert set(metrics) >= {"wm/loss", "wm/denoiser_loss", "wm/reward_loss", "wm/end_loss", "wm/grad_norm", "wm/lr"}
+        assert set(metrics) >= {"wm/loss", "wm/denoiser_loss", "wm/reward_loss", "wm/end_loss", "wm/proprio_loss",
+                                "wm/grad_norm", "wm/lr"}
     after = fixed_loss()
     assert after < 0.6 * before, (before, after)
     assert np.mean(reward_losses[-10:]) < np.mean(reward_losses[:10])
     assert np.mean(end_losses[-10:]) < np.mean(end_losses[:10])
+    proprio_after = model.proprio(fixed)[0].item()
+    assert proprio_after < 0.7 * proprio_before, (proprio_before, proprio_after)
 
 
 def test_reward_metrics_against_hand_computed_values():
@@ -186,14 +193,21 @@ def test_imagine_rows_do_not_depend_on_the_batch():
     rng = np.random.default_rng(0)
     frames = torch.from_numpy(rng.integers(0, 256, (3, 4, SIZE, SIZE, 3), dtype=np.uint8))
     past, actions = torch.rand(3, 3, 7) * 2 - 1, torch.rand(3, 5, 7) * 2 - 1
-    tasks, seeds = torch.tensor([0, 1, 2]), [11, 12, 13]
-    batched_frames, batched_p, batched_end = model.imagine(frames, past, actions, tasks, seeds)
+    tasks, seeds, proprio = torch.tensor([0, 1, 2]), [11, 12, 13], torch.rand(3, 3)
+    with torch.no_grad():  # a proprio model that moves by a constant step
+        model.proprio.net[-1].weight.zero_()
+        model.proprio.net[-1].bias.copy_(torch.tensor([0.1, -0.2, 0.0]))
+    batched_frames, batched_p, batched_end, batched_proprio = model.imagine(frames, past, actions, tasks, seeds, proprio)
     assert batched_frames.dtype == torch.uint8 and batched_frames.shape == (3, 5, SIZE, SIZE, 3)
     assert batched_p.shape == batched_end.shape == (3, 5) and not torch.equal(batched_p, batched_end)
+    assert batched_proprio.shape == (3, 5, 3)
+    assert torch.allclose(batched_proprio[:, -1, :2] - proprio[:, :2], torch.tensor([0.5, -1.0]).expand(3, 2), atol=1e-5)
     for b in range(3):
-        f, p, end = model.imagine(frames[b:b + 1], past[b:b + 1], actions[b:b + 1], tasks[b:b + 1], seeds[b:b + 1])
+        f, p, end, state = model.imagine(frames[b:b + 1], past[b:b + 1], actions[b:b + 1], tasks[b:b + 1],
+                                         seeds[b:b + 1], proprio[b:b + 1])
         assert (f[0].int() - batched_frames[b].int()).abs().max() <= 1  # float reductions may round differently
         assert torch.allclose(p[0], batched_p[b], atol=1e-5) and torch.allclose(end[0], batched_end[b], atol=1e-5)
+        assert torch.allclose(state[0], batched_proprio[b], atol=1e-6)
 
 
 def test_save_load_round_trip(tmp_path):
@@ -212,8 +226,8 @@ def test_save_load_round_trip(tmp_path):
     assert load_optimizer_state(path, fresh)
     assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
     args = (torch.zeros(1, 4, SIZE, SIZE, 3, dtype=torch.uint8), torch.zeros(1, 3, 7), torch.ones(1, 2, 7),
-            torch.tensor([1]), [5])
-    for x, y in zip(model.imagine(*args), loaded.imagine(*args)):
+            torch.tensor([1]), [5], torch.rand(1, 3))
+    for x, y in zip(model.imagine(*args), loaded.imagine(*args), strict=True):
         assert torch.equal(x, y)
     model.save(path)  # overwriting keeps one complete directory
     assert (path / "model.safetensors").is_file() and not (path / "optimizer.safetensors").exists()
@@ -226,7 +240,7 @@ def test_save_load_round_trip(tmp_path):
 def served(model: WorldModel):
     """A WorldModelServer stepped by a thread (queue.Queue, unshared slots): the process wiring in one process."""
     slots = ImaginationSlots(SlotShape(num_slots=2, context_frames=4, image_size=SIZE, action_dim=7,
-                                       max_actions=CHUNK), share=False)
+                                       max_actions=CHUNK, proprio_dim=3), share=False)
     requests, replies = queue.Queue(maxsize=4), [queue.Queue(maxsize=2)]
     server = WorldModelServer(model, slots, requests, replies, poll_s=0.01, max_batch=2, batch_timeout_ms=1.0)
     stop = threading.Event()
@@ -318,16 +332,18 @@ def test_imagined_env_is_deterministic_and_served_equals_local(episodes):
 
     def rollout(client) -> list:
         env = ImaginedEnv(spec, client, bank, horizon_env_steps=64, seed=0)
-        out = [env.reset(task_id=1, seed=3)["image"]]
+        obs = env.reset(task_id=1, seed=3)
+        out = [obs["image"], obs["proprio"]]
         for chunk in actions:
             obs, reward, terminated, truncated, _ = env.step_chunk(chunk)
-            out += [obs["image"], reward, terminated]
+            out += [obs["image"], obs["proprio"], reward, terminated]
             if terminated or truncated:
                 break
         return out
 
     local = rollout(LocalWorldModel(model))
     assert all(np.array_equal(a, b) for a, b in zip(local, rollout(LocalWorldModel(model))))
+    assert not np.allclose(local[1], local[3])  # the imagined proprio follows the proprio model
     with served(model) as client:
         remote = rollout(client)
     assert len(local) == len(remote)
@@ -342,7 +358,7 @@ def test_envs_of_one_worker_share_a_batch_and_a_reply_queue(episodes):
     spec = Tabletop2D(image_size=SIZE).spec
     bank = ContextBank(episodes, INSTRUCTIONS, context_frames=4)
     chunks = np.random.default_rng(1).uniform(-1, 1, (3, CHUNK, 7))
-    slots = ImaginationSlots(SlotShape(3, 4, SIZE, 7, CHUNK), share=False)
+    slots = ImaginationSlots(SlotShape(3, 4, SIZE, 7, CHUNK, proprio_dim=3), share=False)
     requests, replies, arrived = queue.Queue(), [queue.Queue()], set()
     server = WorldModelServer(model, slots, requests, replies, poll_s=0.0, max_batch=3, batch_timeout_ms=1e6)
     served = [ImaginedEnv(spec, ServedWorldModel(model.cfg, 0, k, slots, requests, replies[0], poll_s=0.0,
@@ -372,16 +388,16 @@ def test_server_loads_published_weights():
 
     model = tiny_model(success_bias=-20.0)
     weights = WeightBroadcast(model.state_dict(), share=False)
-    slots = ImaginationSlots(SlotShape(1, 4, SIZE, 7, CHUNK), share=False)
+    slots = ImaginationSlots(SlotShape(1, 4, SIZE, 7, CHUNK, proprio_dim=3), share=False)
     requests, replies = queue.Queue(), [queue.Queue()]
     server = WorldModelServer(model, slots, requests, replies, poll_s=0.0, max_batch=1, weights=weights)
     client = ServedWorldModel(model.cfg, 0, 0, slots, requests, replies[0], poll_s=0.0,
                               should_stop=lambda: server.step() or False)  # serve while waiting
     frames, past, actions = np.zeros((4, SIZE, SIZE, 3), np.uint8), np.zeros((3, 7)), np.zeros((2, 7))
-    assert client.imagine(frames, past, actions, 0, 1)[1].max() < 1e-6
+    assert client.imagine(frames, past, actions, 0, 1, np.zeros(3))[1].max() < 1e-6
     trained = tiny_model(success_bias=20.0)
     weights.publish(trained.state_dict(), version=3)
-    assert client.imagine(frames, past, actions, 0, 1)[1].min() > 1 - 1e-6
+    assert client.imagine(frames, past, actions, 0, 1, np.zeros(3))[1].min() > 1 - 1e-6
     assert int(slots.version[0]) == 3 and server.version == 3
 
 
@@ -493,15 +509,17 @@ def test_a_failure_the_end_output_predicts_ends_the_imagined_episode_without_suc
 
 
 def test_a_world_model_saved_without_the_end_output_loads_and_ends_on_success_only(tmp_path):
-    """config.json of a model saved before `end_head` existed lacks the key: it loads with one output, and
-    its end probability is the success probability."""
-    old = tiny_model(end_head=False)
+    """config.json of a model saved before `end_head` and `proprio_dim` existed lacks the keys: it loads with one
+    output, its end probability is the success probability, and the proprio it is given stays put."""
+    old = tiny_model(end_head=False, proprio_dim=0)
     old.save(tmp_path / "old")
     config = json.loads((tmp_path / "old" / "config.json").read_text())
-    del config["end_head"]
+    del config["end_head"], config["proprio_dim"]
     (tmp_path / "old" / "config.json").write_text(json.dumps(config))
     loaded = WorldModel.load(tmp_path / "old")
     assert not loaded.cfg.end_head and loaded.reward.head[-1].out_features == 1
-    frames = torch.zeros(1, 4, SIZE, SIZE, 3, dtype=torch.uint8)
-    _, success, end = loaded.imagine(frames, torch.zeros(1, 3, 7), torch.zeros(1, 2, 7), torch.tensor([0]), [0])
-    assert torch.equal(success, end)
+    assert loaded.cfg.proprio_dim == 0 and loaded.proprio is None
+    frames, proprio = torch.zeros(1, 4, SIZE, SIZE, 3, dtype=torch.uint8), torch.rand(1, 3)
+    _, success, end, state = loaded.imagine(frames, torch.zeros(1, 3, 7), torch.zeros(1, 2, 7), torch.tensor([0]),
+                                            [0], proprio)
+    assert torch.equal(success, end) and torch.equal(state, proprio[:, None].expand(1, 2, 3))
