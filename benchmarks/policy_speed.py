@@ -24,7 +24,7 @@ import torch
 import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from preset_speed import learner_step, synthetic_rollout  # noqa: E402  (argparse only, no tyro)
+from preset_speed import learner_step, proprio_input, synthetic_rollout  # noqa: E402  (argparse only, no tyro)
 from vla_policy import PolicyConfig, VLAPolicy, policy_autocast  # noqa: E402
 
 
@@ -60,11 +60,12 @@ def time_inference(policy: VLAPolicy, batch: int, seconds: float, bf16: bool) ->
     """Observations per second through `act` (sampling included): per wall-clock second, and per second of
     this process's CPU time (the intrinsic speed when other processes share the cores; with one thread)."""
     images, tokens = random_inputs(policy.cfg, batch, torch.Generator().manual_seed(batch))
+    proprio = proprio_input(policy.cfg, batch)
     with policy_autocast("cpu", cpu_bf16=bf16):
-        policy.act(images, tokens)  # warm-up: allocator, oneDNN primitive caches
+        policy.act(images, tokens, **proprio)  # warm-up: allocator, oneDNN primitive caches
         calls, start, cpu_start = 0, time.perf_counter(), time.process_time()
         while time.perf_counter() - start < seconds:
-            policy.act(images, tokens)
+            policy.act(images, tokens, **proprio)
             calls += 1
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     return calls * batch / wall, calls * batch / cpu

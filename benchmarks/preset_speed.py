@@ -84,23 +84,31 @@ def time_inference(policy: VLAPolicy, batch: int, seconds: float, bf16: bool,
     wall-clock second, and per second of this process's CPU time (on a shared CPU machine the wall-clock rate
     drops with other load, the CPU-time one much less; on CUDA it only says how busy the launching thread is)."""
     images, tokens = random_inputs(policy.cfg, batch, device, seed=batch)
+    proprio = proprio_input(policy.cfg, batch, device)
     with autocast(device, bf16):
         for _ in range(2):  # warm-up: allocator, kernels' autotuning, oneDNN caches
-            policy.act(images, tokens)
+            policy.act(images, tokens, **proprio)
         sync(device)
         calls, start, cpu_start = 0, time.perf_counter(), time.process_time()
         while time.perf_counter() - start < seconds or calls < 3:
-            policy.act(images, tokens)
+            policy.act(images, tokens, **proprio)
             calls += 1
         sync(device)
     return calls * batch / (time.perf_counter() - start), calls * batch / (time.process_time() - cpu_start)
 
 
+def proprio_input(cfg: PolicyConfig, batch: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """The `proprio=` keyword for a policy that reads the robot state (random values), nothing for one that does not."""
+    return {"proprio": torch.rand(batch, cfg.proprio_dim, device=device)} if cfg.proprio_dim else {}
+
+
 def synthetic_rollout(cfg: PolicyConfig, batch: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Random stored actions, advantages, returns and behaviour log-probs for a learner step on `batch` rows."""
+    """Random stored actions, advantages, returns and behaviour log-probs (and proprio) for a learner step on
+    `batch` rows."""
     return {"actions": torch.randint(0, cfg.num_bins, (batch, cfg.chunk_len, cfg.action_dim), device=device),
             "advantages": torch.randn(batch, device=device), "returns": torch.randn(batch, device=device),
-            "behaviour": torch.randn(batch, cfg.chunk_len, cfg.action_dim, cfg.num_bins, device=device).log_softmax(-1)}
+            "behaviour": torch.randn(batch, cfg.chunk_len, cfg.action_dim, cfg.num_bins, device=device).log_softmax(-1),
+            **proprio_input(cfg, batch, device)}
 
 
 def learner_step(policy: VLAPolicy, images: torch.Tensor, tokens: torch.Tensor, rollout: dict[str, torch.Tensor],
@@ -108,7 +116,7 @@ def learner_step(policy: VLAPolicy, images: torch.Tensor, tokens: torch.Tensor, 
     """What accerl.py's Learner does per minibatch, in cost: evaluate under `precision` (an autocast context) +
     a policy-gradient, value and KL loss + backward + gradient clipping + the optimiser step."""
     with precision:
-        out = policy.evaluate(images, tokens, rollout["actions"])
+        out = policy.evaluate(images, tokens, rollout["actions"], **{k: rollout[k] for k in ("proprio",) if k in rollout})
     behaviour = rollout["behaviour"]
     ratio = (out["logp"] - out["logp"].detach()).exp()
     kl = (behaviour.exp() * (behaviour - out["log_probs"])).sum(-1).mean()
