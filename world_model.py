@@ -1710,8 +1710,10 @@ def train(args: Train) -> dict:
                 for key, value in scalars.items():
                     writer.add_scalar(key, value, update)
                 history.append((update, scalars["wm/denoiser_loss"], scalars["wm/reward_loss"]))
+                proprio = f" proprio {scalars['wm/proprio_loss']:.2e}" if "wm/proprio_loss" in scalars else ""
                 log("wm", f"update {update} denoiser {scalars['wm/denoiser_loss']:.4f} reward "
-                          f"{scalars['wm/reward_loss']:.4f} ({scalars['perf/wm_samples_per_s']:.0f} transitions/s)")
+                          f"{scalars['wm/reward_loss']:.4f}{proprio} ({scalars['perf/wm_samples_per_s']:.0f} "
+                          f"transitions/s)")
                 window, window_start = defaultdict(list), time.perf_counter()
             if args.eval_every_updates and update % args.eval_every_updates == 0:
                 metrics, image = evaluate(model, heldout, windows=args.eval_windows, seed=args.seed)
