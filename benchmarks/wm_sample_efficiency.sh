@@ -4,6 +4,9 @@
 #   bash benchmarks/wm_sample_efficiency.sh                                   # GPU machine, 3 seeds each
 #   SEEDS="1" STEPS=200000 DEVICE=cpu ENV_WORKERS=1 IMAGINATION_WORKERS=1 bash benchmarks/wm_sample_efficiency.sh
 #   EXTRA="--init-policy runs/sft/policy" bash benchmarks/wm_sample_efficiency.sh   # both arms from a warm start
+#   DEFAULTS=--no-task-defaults bash benchmarks/wm_sample_efficiency.sh   # the plain policy (sessions 9-11's runs)
+# Both arms train tabletop2d's default policy from random init (TABLETOP2D_DEFAULTS: it reads proprio, which the
+# world model predicts) with STEPS real env steps as the budget (no time limit).
 # Writes $OUT/{world_model,wm_train,model_free_<seed>,with_wm_<seed>}, docs/wm_sample_efficiency.png, and prints
 # per run the real env step from which greedy success reached 80 % in 3 evaluations in a row
 # (benchmarks/learning_curve.py --sustain 3).
@@ -20,7 +23,8 @@ EPISODES=${EPISODES:-250}                 # weak-policy trajectories per task (4
 PNG=${PNG:-docs/wm_sample_efficiency.png}
 EXTRA=${EXTRA:-}                          # more accerl.py flags for both arms
 WM_EXTRA=${WM_EXTRA:-}                    # more accerl.py flags for the world-model arm
-COMMON="--no-task-defaults --task tabletop2d --policy.image-size $SIZE --device $DEVICE --total-env-steps $STEPS
+DEFAULTS=${DEFAULTS:-}                    # --no-task-defaults: the plain policy and update instead
+COMMON="$DEFAULTS --task tabletop2d --policy.image-size $SIZE --device $DEVICE --total-env-steps $STEPS --max-seconds 0
         --num-env-workers ${ENV_WORKERS:-8} --envs-per-worker ${ENVS_PER_WORKER:-4} --eval-every-updates 10
         --eval-episodes 40 --final-eval-episodes 200 --checkpoint-every-updates 200 $EXTRA"
 
