@@ -37,7 +37,7 @@ Who sends what to whom when the world model is served (queues carry slot indices
 `ImaginationSlots`, shared memory):
 
     ImaginedEnv (ServedWorldModel client c, slot s) --(c, s)--> wm_requests --> world_model
-    ImaginedEnv <--s-- wm_replies[c] <-- world_model      (frames, success and end probs in the slot)
+    ImaginedEnv <--s-- wm_replies[c] <-- world_model      (frames, success and end probs, proprio in the slot)
     trainer --weights + version (WeightBroadcast seqlock)--> world_model
 
 Metric tags (all written by the one process that owns the writer): `wm/denoiser_loss`, `wm/reward_loss`,
@@ -470,11 +470,12 @@ class WorldModel(nn.Module):
         denoiser_loss, metrics = self.denoiser(batch, generator)
         reward_loss, reward_metrics = self.reward(batch)
         loss = denoiser_loss + reward_loss
+        metrics = {**metrics, **reward_metrics}
         if self.proprio is not None:
             proprio_loss, proprio_metrics = self.proprio(batch)
             loss = loss + proprio_loss
-            reward_metrics.update(proprio_metrics)
-        return loss, {**metrics, **reward_metrics, "wm/loss": loss.item()}
+            metrics.update(proprio_metrics)
+        return loss, {**metrics, "wm/loss": loss.item()}
 
     @torch.no_grad()
     def imagine(self, frames: torch.Tensor, past_actions: torch.Tensor, actions: torch.Tensor,
