@@ -346,8 +346,8 @@ def parse_args(argv: list[str] | None = None) -> Args:
             task = argv[i + 1]
         elif a.startswith("--task="):
             task = a.split("=", 1)[1]
-    if (task.split("/")[0] != "tabletop2d" or "--no-task-defaults" in argv
-            or any(given(f) for f in ("--policy.preset", "--policy.checkpoint", "--init-policy"))):
+    if task.split("/")[0] != "tabletop2d" or any(
+            given(f) for f in ("--no-task-defaults", "--policy.preset", "--policy.checkpoint", "--init-policy")):
         return cli_with_preset(Args, argv)
     default = Args()
     default.policy = replace(default.policy, **TABLETOP2D_DEFAULTS["policy"])

@@ -505,13 +505,14 @@ class WorldModel(nn.Module):
         out_success = torch.empty((B, n), dtype=torch.float32, device=device)
         out_end = torch.empty((B, n), dtype=torch.float32, device=device)
         state = torch.zeros((B, 0), device=device) if proprio is None else proprio.to(device).float()
-        if self.proprio is not None and proprio is not None and state.shape[1] != self.cfg.proprio_dim:
+        predict_proprio = self.proprio is not None and proprio is not None
+        if predict_proprio and state.shape[1] != self.cfg.proprio_dim:
             raise ValueError(f"imagine: proprio of width {state.shape[1]}, the model predicts {self.cfg.proprio_dim}")
         out_proprio = torch.empty((B, n, state.shape[1]), dtype=torch.float32, device=device)
         for j in range(n):
             window = all_actions[:, j:j + K]
             out_success[:, j], out_end[:, j] = self.reward.probabilities(context, window, task_id)
-            if self.proprio is not None and proprio is not None:
+            if predict_proprio:
                 state = self.proprio.next(state, window[:, -1])
             out_proprio[:, j] = state
             frame = model_to_frames(self.denoiser.sample(context, window, noise[:, j]))
@@ -1345,10 +1346,11 @@ def evaluate(model: WorldModel, data: TransitionData, horizons: tuple[int, ...] 
     metrics["next_frame_psnr"] = metrics.get("open_loop_psnr_h1", float("nan"))
     metrics["windows"] = len(starts)
     if model.proprio is not None:  # one step, every held-out transition with a successor; baseline: no change
-        b = data.batch(torch.nonzero(data.has_next).squeeze(1))
-        predicted = model.proprio.next(b["proprio"].to(model.device), b["actions"][:, -1].to(model.device)).cpu()
-        metrics["proprio_rmse"] = float((predicted - b["next_proprio"]).pow(2).mean().sqrt())
-        metrics["proprio_rmse_copy"] = float((b["proprio"] - b["next_proprio"]).pow(2).mean().sqrt())
+        index = torch.nonzero(data.has_next).squeeze(1)  # proprio and action only: no frame windows
+        now, after = data.proprio[index], data.proprio[index + 1]
+        predicted = model.proprio.next(now.to(model.device), data.actions[index].to(model.device)).cpu()
+        metrics["proprio_rmse"] = float((predicted - after).pow(2).mean().sqrt())
+        metrics["proprio_rmse_copy"] = float((now - after).pow(2).mean().sqrt())
 
     # reward model: every held-out transition on its real context, and on imagined contexts (the frames the
     # imagined env really scores), the labels of the same real transitions

@@ -24,7 +24,7 @@ import torch
 import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from preset_speed import learner_step, proprio_input, synthetic_rollout  # noqa: E402  (argparse only, no tyro)
+from preset_speed import learner_step, random_proprio, synthetic_rollout  # noqa: E402  (argparse only, no tyro)
 from vla_policy import PolicyConfig, VLAPolicy, policy_autocast  # noqa: E402
 
 
@@ -60,7 +60,7 @@ def time_inference(policy: VLAPolicy, batch: int, seconds: float, bf16: bool) ->
     """Observations per second through `act` (sampling included): per wall-clock second, and per second of
     this process's CPU time (the intrinsic speed when other processes share the cores; with one thread)."""
     images, tokens = random_inputs(policy.cfg, batch, torch.Generator().manual_seed(batch))
-    proprio = proprio_input(policy.cfg, batch)
+    proprio = random_proprio(policy.cfg, batch)
     with policy_autocast("cpu", cpu_bf16=bf16):
         policy.act(images, tokens, **proprio)  # warm-up: allocator, oneDNN primitive caches
         calls, start, cpu_start = 0, time.perf_counter(), time.process_time()

@@ -84,7 +84,7 @@ def time_inference(policy: VLAPolicy, batch: int, seconds: float, bf16: bool,
     wall-clock second, and per second of this process's CPU time (on a shared CPU machine the wall-clock rate
     drops with other load, the CPU-time one much less; on CUDA it only says how busy the launching thread is)."""
     images, tokens = random_inputs(policy.cfg, batch, device, seed=batch)
-    proprio = proprio_input(policy.cfg, batch, device)
+    proprio = random_proprio(policy.cfg, batch, device)
     with autocast(device, bf16):
         for _ in range(2):  # warm-up: allocator, kernels' autotuning, oneDNN caches
             policy.act(images, tokens, **proprio)
@@ -97,7 +97,7 @@ def time_inference(policy: VLAPolicy, batch: int, seconds: float, bf16: bool,
     return calls * batch / (time.perf_counter() - start), calls * batch / (time.process_time() - cpu_start)
 
 
-def proprio_input(cfg: PolicyConfig, batch: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+def random_proprio(cfg: PolicyConfig, batch: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """The `proprio=` keyword for a policy that reads the robot state (random values), nothing for one that does not."""
     return {"proprio": torch.rand(batch, cfg.proprio_dim, device=device)} if cfg.proprio_dim else {}
 
@@ -108,15 +108,16 @@ def synthetic_rollout(cfg: PolicyConfig, batch: int, device: torch.device | str 
     return {"actions": torch.randint(0, cfg.num_bins, (batch, cfg.chunk_len, cfg.action_dim), device=device),
             "advantages": torch.randn(batch, device=device), "returns": torch.randn(batch, device=device),
             "behaviour": torch.randn(batch, cfg.chunk_len, cfg.action_dim, cfg.num_bins, device=device).log_softmax(-1),
-            **proprio_input(cfg, batch, device)}
+            **random_proprio(cfg, batch, device)}
 
 
 def learner_step(policy: VLAPolicy, images: torch.Tensor, tokens: torch.Tensor, rollout: dict[str, torch.Tensor],
                  optimiser: torch.optim.Optimizer, params: list[torch.Tensor], precision) -> None:
     """What accerl.py's Learner does per minibatch, in cost: evaluate under `precision` (an autocast context) +
     a policy-gradient, value and KL loss + backward + gradient clipping + the optimiser step."""
+    proprio = {"proprio": rollout["proprio"]} if "proprio" in rollout else {}
     with precision:
-        out = policy.evaluate(images, tokens, rollout["actions"], **{k: rollout[k] for k in ("proprio",) if k in rollout})
+        out = policy.evaluate(images, tokens, rollout["actions"], **proprio)
     behaviour = rollout["behaviour"]
     ratio = (out["logp"] - out["logp"].detach()).exp()
     kl = (behaviour.exp() * (behaviour - out["log_probs"])).sum(-1).mean()
